@@ -1,0 +1,171 @@
+"""Pretrain a megalm model: the entry point for `deepspeed`, `torchrun`, `python` and `megalm train`.
+
+    deepspeed launcher/pretrain.py --config configs/tiny.yaml [section.key=value ...]
+    python launcher/pretrain.py --config configs/tiny.yaml train.max_steps=20
+
+Reads top to bottom like a recipe: config -> processes -> data -> model -> engine -> resume -> train -> save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from launcher.env import device_for, init_distributed
+from megalm.config import Config, load_config
+from megalm.data.loader import Split, TrainBatches, load_split
+from megalm.errors import MegalmError
+from megalm.model.transformer import GPT
+from megalm.training import checkpoint
+from megalm.training.engine import build_engine, init_deepspeed_comm
+from megalm.training.loop import Trainer
+from megalm.training.metrics import peak_tflops
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # The deepspeed launcher appends --local_rank=N; the rank also arrives in LOCAL_RANK.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def load_data(cfg: Config) -> tuple[Split, Split | None]:
+    """Both splits, checked against the model's vocabulary and the expected tokenizer."""
+    splits = []
+    for key, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if path is None:
+            splits.append(None)
+            continue
+        split = load_split(path)
+        if split.vocab_size > cfg.model.vocab_size:
+            raise MegalmError(f"{key}: shards in {path} use a vocabulary of {split.vocab_size} tokens but "
+                              f"model.vocab_size is {cfg.model.vocab_size}; raise model.vocab_size")  # fmt: skip
+        spec = split.tokenizer_spec
+        name = spec.get("path") if spec.get("type") == "hf" else spec.get("type")
+        if cfg.data.tokenizer and name != cfg.data.tokenizer:
+            raise MegalmError(f"{key}: shards in {path} were made with tokenizer '{name}', "
+                              f"but data.tokenizer is '{cfg.data.tokenizer}'")  # fmt: skip
+        if len(split.tokens) <= cfg.model.seq_len:
+            raise MegalmError(f"{key}: {path} holds {len(split.tokens)} tokens, fewer than one window of "
+                              f"model.seq_len+1 = {cfg.model.seq_len + 1}")  # fmt: skip
+        splits.append(split)
+    return splits[0], splits[1]
+
+
+def prepare_run_dir(cfg: Config, rank: int) -> None:
+    if rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dist.barrier()
+
+
+def describe(cfg: Config, info, model: GPT, train: TrainBatches, peak: tuple) -> str:
+    dp = info.world_size
+    grad_accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    return (
+        f"megalm: {info.world_size} process(es) [{info.discovered_by}], backend {info.backend}, "
+        f"tp 1 pp 1 dp {dp}, zero {cfg.zero.stage}, {cfg.precision.dtype}\n"
+        f"model: {cfg.model.family}, {model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, "
+        f"d_model {cfg.model.d_model}, seq_len {cfg.model.seq_len}, attention {cfg.model.attention}\n"
+        f"batch: {cfg.train.global_batch_size} sequences = {train.tokens_per_step:,} tokens/step "
+        f"(micro {cfg.train.micro_batch_size} x accum {grad_accum} x dp {dp}); "
+        f"{train.steps_per_epoch} steps/epoch\n"
+        f"MFU peak: {peak[0] or 'n/a'} TFLOP/s ({peak[1]})\n"
+        f"run dir: {cfg.run_dir}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(parser)
+    return train(parser.parse_args(argv))
+
+
+def train(args: argparse.Namespace) -> int:
+    """The recipe. Returns the process exit code."""
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    info = init_distributed()
+    cfg.validate(info.world_size)
+    dp, device = info.world_size, device_for(info)
+
+    train_split, val_split = load_data(cfg)
+    batches = TrainBatches(train_split, seq_len=cfg.model.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                           grad_accum=cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp),
+                           dp_rank=info.rank, dp_size=dp, seed=cfg.train.seed)  # fmt: skip
+    prepare_run_dir(cfg, info.rank)
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = GPT(cfg.model)
+    n_params = model.num_params(exclude_embeddings=True)
+    torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout differs across data-parallel ranks
+    init_deepspeed_comm()
+    engine = build_engine(cfg, model, dp)
+
+    peak = peak_tflops(cfg.log.peak_tflops)
+    ctx = {"rank": info.rank, "dp": dp, "device": device, "n_params": n_params, "peak_tflops": peak[0]}
+    trainer = Trainer(cfg, engine, batches, val_split, ctx)
+    if info.rank == 0:
+        print(describe(cfg, info, model, batches, peak), flush=True)
+    resume_from(cfg, trainer, info.rank)
+
+    def on_checkpoint(progress) -> None:
+        meta = {"step": trainer.state.step, "consumed_tokens": trainer.state.consumed_tokens,
+                "loader": batches.state_dict(), "config": cfg.to_dict()}  # fmt: skip
+        path = checkpoint.save(engine, cfg.checkpoint_dir, trainer.state.step, meta, cfg.checkpoint.keep_last)
+        progress.message(f"saved checkpoint {path}")
+
+    state = trainer.run(on_checkpoint)
+    trainer.close()
+    if info.rank == 0:
+        best = f"{state.best_val_loss:.4f}" if state.best_val_loss is not None else "n/a"
+        print(f"done: step {state.step}, {state.consumed_tokens:,} tokens, best val_loss {best}", flush=True)
+        print(f"  metrics: {cfg.run_dir / 'metrics.jsonl'}\n  checkpoints: {cfg.checkpoint_dir}", flush=True)
+    return 0
+
+
+def resume_from(cfg: Config, trainer: Trainer, rank: int) -> None:
+    """Apply train.resume: load the checkpoint's weights, optimizer, schedule and loader position."""
+    where = checkpoint.resolve_resume(cfg.train.resume, cfg.checkpoint_dir)
+    if where is None:
+        return
+    meta = checkpoint.load(trainer.engine, where)
+    trainer.state.step = meta["step"]
+    trainer.state.consumed_tokens = meta["consumed_tokens"]
+    trainer.train.load_state_dict(meta["loader"])
+    if rank == 0:
+        print(f"resumed from {where[0] / where[1]} at step {meta['step']}", flush=True)
+
+
+def run_and_exit(main_fn=main, argv: list[str] | None = None) -> None:
+    """Run, report user errors in one line, and leave without waiting on gloo threads (see CPU-NOTES)."""
+    try:
+        code = main_fn(argv)
+    except MegalmError as e:
+        rank = os.environ.get("RANK", "0")
+        prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
+    except KeyboardInterrupt:
+        os._exit(130)
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run_and_exit()

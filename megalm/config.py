@@ -1,0 +1,421 @@
+"""Typed run configuration: dataclasses filled from YAML plus `section.key=value` overrides.
+
+Every field has a one-line docstring (the string literal under it); `megalm train --print-config` shows the
+resolved values. Errors name the key and the file and suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from megalm.errors import MegalmError
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["gpt2", "llama"] = "gpt2"
+    """gpt2: LayerNorm, GELU, learned positions, tied embeddings, biases; llama: RMSNorm, SwiGLU, RoPE, GQA."""
+    n_layer: int = 4
+    """Number of Transformer blocks."""
+    n_head: int = 4
+    """Number of query heads."""
+    n_kv_head: int | None = None
+    """Number of key/value heads (grouped-query attention); None means n_head (multi-head attention)."""
+    d_model: int = 128
+    """Hidden size."""
+    ffn_hidden: int | None = None
+    """MLP hidden size; None means 4*d_model (gpt2) or 2/3*4*d_model rounded up to a multiple of 64 (llama)."""
+    vocab_size: int = 50304
+    """Embedding rows; must be at least the tokenizer's vocabulary (pad up to a multiple of 64 for speed)."""
+    seq_len: int = 256
+    """Context length in tokens (also the training window length)."""
+    attention: Literal["auto", "flash", "fused_softmax", "sdpa", "eager"] = "auto"
+    """Attention path; auto means flash (Triton) on CUDA and sdpa elsewhere."""
+    dropout: float = 0.0
+    """Dropout probability on attention probabilities and residual branches."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (llama)."""
+    norm_eps: float = 1e-5
+    """Epsilon of LayerNorm / RMSNorm."""
+    tie_embeddings: bool | None = None
+    """Share the input embedding and output head; None means the family default (gpt2 yes, llama no)."""
+    bias: bool | None = None
+    """Biases in linears and norms; None means the family default (gpt2 yes, llama no)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init; residual projections get init_std/sqrt(2*n_layer)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.family == "gpt2":
+            return 4 * self.d_model
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+    @property
+    def tied(self) -> bool:
+        return self.family == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def use_bias(self) -> bool:
+        return self.family == "gpt2" if self.bias is None else self.bias
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (not yet implemented: must be 1)."""
+    pp: int = 1
+    """Pipeline-parallel size (not yet implemented: must be 1); dp is world_size / (tp * pp)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside TP regions (needs tp > 1)."""
+    micro_batches: int | None = None
+    """Pipeline micro-batches per step (pp > 1 only)."""
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (shard optimizer state, +gradients, +parameters across data-parallel ranks)."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer state in CPU memory (ZeRO stage >= 1)."""
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute dtype; bf16/fp16 keep fp32 master weights. fp16 needs a GPU."""
+    loss_scale: float = 0.0
+    """fp16 static loss scale; 0 means dynamic loss scaling."""
+    initial_scale_power: int = 16
+    """fp16 dynamic loss scale starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the scale doubles."""
+    hysteresis: int = 2
+    """fp16: overflows tolerated before the scale halves."""
+    min_loss_scale: float = 1.0
+    """fp16: lowest dynamic loss scale."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr."""
+    decay_steps: int | None = None
+    """Step at which the cosine reaches min_lr; None means train.max_steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of 2-D weights (linears, embeddings); never applied to norms or biases."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/shakespeare/train"
+    """Directory (or manifest.json) of training shards written by `megalm prepare`."""
+    val: str | None = "data/shakespeare/val"
+    """Held-out shards for evaluation; None disables evaluation."""
+    tokenizer: str | None = None
+    """Expected tokenizer name; checked against the shards' manifest when set."""
+    num_workers: int = 0
+    """Background data-loader workers (reserved for the streaming loader)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """What to do with bad input data (skipped data is always counted and reported)."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str | None = None
+    """Run directory for config.yaml, metrics.jsonl, TensorBoard events and checkpoints; None: runs/<config>."""
+    max_steps: int = 200
+    """Optimizer steps to train."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on each data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks; gradient accumulation = global / (micro * dp)."""
+    seed: int = 1234
+    """Seed of parameters init, data order and dropout."""
+    resume: str = "auto"
+    """auto: continue from the newest checkpoint in checkpoint.dir if any; none: start fresh; or a path."""
+    log_interval: int = 10
+    """Steps between metrics.jsonl rows and progress lines."""
+    eval_interval: int = 100
+    """Steps between evaluations on data.val (also after the last step); 0 disables."""
+    eval_iters: int = 50
+    """Evaluation uses at most eval_iters * micro_batch_size * dp windows of the validation split."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    """Checkpoint directory; None means <run_dir>/checkpoints."""
+    interval: int = 0
+    """Steps between checkpoints; 0 means only at the end of training."""
+    keep_last: int = 2
+    """How many recent checkpoints to keep; 0 keeps all."""
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <run_dir>/tensorboard when tensorboard is installed."""
+    wandb: bool = False
+    """Log to Weights & Biases (reserved)."""
+    peak_tflops: float | None = None
+    """Peak FLOP/s (in TFLOP/s) per device that MFU divides by; None: looked up from the device name."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """Progress display on rank 0: a bar on a terminal, plain lines otherwise."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The Transformer."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/pipeline layout; data parallelism fills the rest of the world."""
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    """DeepSpeed ZeRO sharding."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Mixed precision."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the learning-rate schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation shards."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, batch sizes and run directory."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics and progress."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Expert settings merged last into the generated DeepSpeed config."""
+    name: str = "default"
+    """Run name; set from the config file name."""
+    source: str = "<defaults>"
+    """Where this config came from (file and overrides), for error messages."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir or f"runs/{self.name}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what config.yaml in the run directory holds)."""
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        d.pop("source")
+        return d
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Check values that depend on each other; world_size adds the batch-size checks."""
+        _validate(self, world_size)
+
+
+def _fail(cfg: Config, key: str, msg: str) -> typing.NoReturn:
+    raise MegalmError(f"config error in {cfg.source}: {key}: {msg}")
+
+
+def _validate(cfg: Config, world_size: int | None) -> None:
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
+        "model.vocab_size": m.vocab_size, "model.seq_len": m.seq_len, "train.max_steps": t.max_steps,
+        "train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
+        "parallel.tp": p.tp, "parallel.pp": p.pp, "train.log_interval": t.log_interval,
+    }  # fmt: skip
+    for key, value in positive.items():
+        if value <= 0:
+            _fail(cfg, key, f"must be positive, got {value}")
+    if m.d_model % m.n_head:
+        _fail(cfg, "model.n_head", f"{m.n_head} does not divide model.d_model={m.d_model}")
+    if m.n_kv_head is not None and (m.n_kv_head <= 0 or m.n_head % m.n_kv_head):
+        _fail(cfg, "model.n_kv_head", f"{m.n_kv_head} must be positive and divide model.n_head={m.n_head}")
+    if m.family == "llama" and m.head_dim % 2:
+        _fail(cfg, "model.d_model", f"llama's RoPE needs an even head dim, got {m.head_dim}")
+    if not 0.0 <= m.dropout < 1.0:
+        _fail(cfg, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if p.tp != 1 or p.pp != 1:
+        _fail(cfg, "parallel.tp" if p.tp != 1 else "parallel.pp", "tensor/pipeline parallelism is not built yet")
+    if p.sequence_parallel and p.tp == 1:
+        _fail(cfg, "parallel.sequence_parallel", "needs parallel.tp > 1")
+    if cfg.zero.stage not in (0, 1, 2, 3):
+        _fail(cfg, "zero.stage", f"must be 0, 1, 2 or 3, got {cfg.zero.stage}")
+    if cfg.zero.offload_optimizer == "cpu" and cfg.zero.stage == 0:
+        _fail(cfg, "zero.offload_optimizer", "cpu offload needs zero.stage >= 1")
+    o = cfg.optim
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        _fail(cfg, "optim.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={o.lr} min_lr={o.min_lr}")
+    if o.warmup_steps < 0:
+        _fail(cfg, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if t.global_batch_size % t.micro_batch_size:
+        _fail(cfg, "train.global_batch_size",
+              f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")  # fmt: skip
+    if world_size is not None:
+        dp = world_size // (p.tp * p.pp)
+        if dp * p.tp * p.pp != world_size:
+            _fail(cfg, "parallel", f"tp*pp={p.tp * p.pp} does not divide the world size {world_size}")
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            _fail(cfg, "train.global_batch_size",
+                  f"{t.global_batch_size} is not a multiple of micro_batch_size*dp = "
+                  f"{t.micro_batch_size}*{dp}; change one of them or the number of processes")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, src)
+            except MegalmError as e:
+                errors.append(str(e))
+        raise MegalmError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise MegalmError(f"config error in {src}: {key}: {value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise MegalmError(f"config error in {src}: {key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise MegalmError(f"config error in {src}: {key}: expected a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and type(value) is not tp:
+        raise MegalmError(f"config error in {src}: {key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown_key(key: str, valid: list[str], src: str) -> MegalmError:
+    prefix, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    where = f"{prefix}." if prefix else ""
+    hint = f"; did you mean '{where}{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}"
+    return MegalmError(f"config error in {src}: unknown key '{key}'{hint}")
+
+
+def _fill(obj: Any, data: dict[str, Any], prefix: str, src: str) -> None:
+    """Set fields of dataclass `obj` from `data`, recursing into nested sections."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj) if f.name not in ("name", "source")]
+    if not isinstance(data, dict):
+        raise MegalmError(f"config error in {src}: {prefix.rstrip('.') or 'top level'}: expected a mapping")
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown_key(full, names, src)
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            _fill(getattr(obj, key), value, f"{full}.", src)
+        elif key == "deepspeed":
+            obj.deepspeed = _merge(obj.deepspeed, _coerce(value, tp, full, src))
+        else:
+            setattr(obj, key, _coerce(value, tp, full, src))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """Recursive dict merge; `extra` wins."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1` strings -> nested dict; values parse as YAML (numbers, booleans, lists, null)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise MegalmError(f"bad override '{item}': expected section.key=value, e.g. train.max_steps=100")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from a YAML file (or defaults when None) and `key=value` overrides, then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MegalmError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MegalmError(f"config file {path} is not valid YAML: {e}") from None
+        cfg.name, cfg.source = path.stem, str(path)
+        _fill(cfg, data, "", str(path))
+    if overrides:
+        src = f"{cfg.source} + command-line overrides"
+        _fill(cfg, parse_overrides(overrides), "", src)
+        cfg.source = src
+    cfg.validate()
+    return cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map field name -> its one-line docstring, read from the class source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    return docs

@@ -1,0 +1,106 @@
+"""Config -> DeepSpeed config dict -> deepspeed.initialize: the one place that builds the engine."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+
+from megalm.config import Config, _merge
+from megalm.model.transformer import param_groups
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to optim.lr, cosine decay to optim.min_lr at decay_steps, then constant min_lr."""
+    o = cfg.optim
+    decay_steps = o.decay_steps or cfg.train.max_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / (o.warmup_steps + 1)
+    if step >= decay_steps:
+        return o.min_lr
+    progress = (step - o.warmup_steps) / max(1, decay_steps - o.warmup_steps)
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config implied by `cfg` for `dp` data-parallel ranks (plus the `deepspeed:` block)."""
+    t, p = cfg.train, cfg.precision
+    grad_accum = t.global_batch_size // (t.micro_batch_size * dp)
+    zero: dict[str, Any] = {"stage": cfg.zero.stage}
+    if cfg.zero.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": p.dtype == "bf16"},
+        "fp16": {
+            "enabled": p.dtype == "fp16",
+            "loss_scale": p.loss_scale,
+            "initial_scale_power": p.initial_scale_power,
+            "loss_scale_window": p.loss_scale_window,
+            "hysteresis": p.hysteresis,
+            "min_loss_scale": p.min_loss_scale,
+        },
+        # The client optimizer is torch's AdamW: no op compilation, works on every accelerator.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.deepspeed)
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs every setting at INFO on every rank; keep warnings only."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+def _skip_cpu_shm_op() -> None:
+    """On the CPU accelerator DeepSpeed compiles a shared-memory all-reduce op (~30 s) at first use.
+
+    Gloo serves the collectives without it; set MEGALM_CPU_SHM_COMM=1 to let DeepSpeed build and use it.
+    DeepSpeed caches the compatibility table in deepspeed.ops, so this edit persists for the process.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu" and os.environ.get("MEGALM_CPU_SHM_COMM") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_deepspeed_comm() -> None:
+    """Let DeepSpeed adopt the already-initialised torch.distributed process group."""
+    import deepspeed
+
+    _quiet_deepspeed()
+    _skip_cpu_shm_op()
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, dp: int):
+    """Wrap `model` in a DeepSpeed engine with AdamW, the lr schedule and the generated config."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.optim.lr)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, dp),
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,86 @@
+"""End-to-end runs of launcher/pretrain.py as a user starts it: one process, resumed, and 2 processes."""
+
+import socket
+import sys
+
+import pytest
+
+from tests.helpers import prepare_bytes_dataset, read_metrics, run_pretrain, tiny_config, train_losses
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return prepare_bytes_dataset(tmp_path_factory.mktemp("corpus"))
+
+
+def _ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def test_single_process_run_trains_evaluates_saves_and_resumes(dataset, tmp_path):
+    config = tiny_config(tmp_path, dataset)
+    run_dir = tmp_path / "runs" / "tiny"
+    out = _ok(run_pretrain(config)).stdout
+    assert "process(es) [single process" in out and "done: step 6" in out
+    rows = read_metrics(run_dir)
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1]  # it learns
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[0]["val_windows"] == 8 and evals[0]["val_ppl"] > 1
+    row = next(r for r in rows if r["step"] == 6 and "loss" in r)
+    for key in ("lr", "grad_norm", "tokens_per_s", "tflops", "mem_bytes"):
+        assert row[key] > 0, key
+    assert row["mfu"] is None  # no known peak on a CPU
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+    # Same command with a later max_steps continues from the checkpoint (train.resume=auto) ...
+    out = _ok(run_pretrain(config, "train.max_steps=9")).stdout
+    assert "at step 6" in out and "done: step 9" in out
+    resumed = train_losses(run_dir)
+    # ... and matches an uninterrupted 9-step run (same schedule: optim.decay_steps is fixed).
+    straight = _ok(run_pretrain(config, "train.max_steps=9", f"train.run_dir={tmp_path / 'straight'}"))
+    assert "resumed" not in straight.stdout
+    reference = train_losses(tmp_path / "straight")
+    for step in (7, 8, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6), step
+
+
+def test_bad_data_path_is_one_clear_error(dataset, tmp_path):
+    config = tiny_config(tmp_path, dataset, data={"train": str(tmp_path / "missing")})
+    result = run_pretrain(config)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and str(tmp_path / "missing") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_print_config_shows_resolved_values(dataset, tmp_path):
+    config = tiny_config(tmp_path, dataset)
+    result = _ok(run_pretrain(config, "model.n_layer=3", "--print-config"))
+    assert "n_layer: 3" in result.stdout and "global_batch_size: 8" in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_under_deepspeed_match_one_process(dataset, tmp_path):
+    """deepspeed --num_gpus 2 (CPU accelerator, gloo) gives the one-process loss curve for the same global batch."""
+    config = tiny_config(tmp_path, dataset, train={"eval_interval": 0})
+    one = tmp_path / "one"
+    _ok(run_pretrain(config, f"train.run_dir={one}"))
+    two = tmp_path / "two"
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                "--master_port", str(_free_port())]  # fmt: skip
+    result = _ok(run_pretrain(config, f"train.run_dir={two}", launcher=launcher))
+    assert "2 process(es)" in result.stdout and "accum 2 x dp 2" in result.stdout
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])

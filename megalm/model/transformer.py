@@ -37,20 +37,18 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (T, hd/2) in fp32 for rotating pairs (x[2i], x[2i+1])."""
+    """cos/sin tables (T, hd/2) in fp32; frequency i rotates the pair (x[i], x[i + hd/2])."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # (T, hd/2)
     return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, nh, T, hd) by the position angles."""
+    """Rotate x (B, nh, T, hd) by the position angles, "rotate-half" layout as in Hugging Face's Llama."""
     T = x.shape[2]
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, nh, T, hd/2, 2)
-    x1, x2 = xf[..., 0], xf[..., 1]
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hd/2) each
     c, s = cos[:T], sin[:T]  # (T, hd/2)
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return out.flatten(-2).type_as(x)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).type_as(x)
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, dropout_p: float) -> torch.Tensor:

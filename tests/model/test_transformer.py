@@ -102,3 +102,21 @@ def test_too_long_sequence_is_refused():
     model = GPT(tiny("gpt2"))
     with pytest.raises(ValueError, match="longer than model.seq_len=24"):
         model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_rope_rotates_half_pairs_and_preserves_relative_positions():
+    from megalm.model.transformer import apply_rope, rope_tables
+
+    cos, sin = rope_tables(16, 8, 10000.0)
+    q = torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8)  # the same vector at every position
+    k = torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8)
+    rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # a rotation
+    dots = (rq[0, 0, :, None, :] * rk[0, 0, None, :, :]).sum(-1)  # (Tq, Tk)
+    assert torch.allclose(dots[5, 2], dots[13, 10], atol=1e-5)  # depends only on the offset
+    # Frequency 0 rotates (x[0], x[4]) by one radian per position, as HF's rotate_half convention does.
+    x = torch.zeros(1, 1, 2, 8)
+    x[..., 0] = 1.0
+    out = apply_rope(x, cos, sin)
+    assert out[0, 0, 1, 0] == pytest.approx(torch.cos(torch.tensor(1.0)).item(), abs=1e-6)
+    assert out[0, 0, 1, 4] == pytest.approx(torch.sin(torch.tensor(1.0)).item(), abs=1e-6)

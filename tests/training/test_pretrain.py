@@ -69,18 +69,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def one_process_losses(dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    config = tiny_config(root, dataset, train={"eval_interval": 0})
+    _ok(run_pretrain(config))
+    return config, train_losses(root / "runs" / "tiny")
+
+
+LAUNCHERS = {
+    "deepspeed": ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "{port}"],
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
+}
+
+
 @pytest.mark.multiprocess
-def test_two_processes_under_deepspeed_match_one_process(dataset, tmp_path):
-    """deepspeed --num_gpus 2 (CPU accelerator, gloo) gives the one-process loss curve for the same global batch."""
-    config = tiny_config(tmp_path, dataset, train={"eval_interval": 0})
-    one = tmp_path / "one"
-    _ok(run_pretrain(config, f"train.run_dir={one}"))
-    two = tmp_path / "two"
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                "--master_port", str(_free_port())]  # fmt: skip
-    result = _ok(run_pretrain(config, f"train.run_dir={two}", launcher=launcher))
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_match_one_process(one_process_losses, tmp_path, launcher):
+    """2 processes (CPU, gloo) under each launcher give the one-process loss curve for the same global batch."""
+    config, reference = one_process_losses
+    port = str(_free_port())
+    cmd = [sys.executable] + [a.replace("{port}", port) for a in LAUNCHERS[launcher]]
+    result = _ok(run_pretrain(config, f"train.run_dir={tmp_path / 'two'}", launcher=cmd))
     assert "2 process(es)" in result.stdout and "accum 2 x dp 2" in result.stdout
-    a, b = train_losses(one), train_losses(two)
-    assert sorted(a) == sorted(b) == list(range(1, 7))
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
+    losses = train_losses(tmp_path / "two")
+    assert sorted(losses) == sorted(reference) == list(range(1, 7))
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, loss, losses[step])

@@ -29,6 +29,7 @@ from megalm.training import checkpoint
 from megalm.training.engine import build_engine, init_deepspeed_comm
 from megalm.training.loop import Trainer
 from megalm.training.metrics import peak_tflops
+from megalm.training.signals import PREEMPTED_EXIT_CODE, StopSignals
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -127,8 +128,14 @@ def train(args: argparse.Namespace) -> int:
         path = checkpoint.save(engine, cfg.checkpoint_dir, trainer.state.step, meta, cfg.checkpoint.keep_last)
         progress.message(f"saved checkpoint {path}")
 
-    state = trainer.run(on_checkpoint)
+    stop = StopSignals()
+    state = trainer.run(on_checkpoint, stop)
+    stop.restore()
     trainer.close()
+    if state.preempted:
+        if info.rank == 0:
+            print(f"preempted at step {state.step}: exit code {PREEMPTED_EXIT_CODE} (run again to resume)", flush=True)
+        return PREEMPTED_EXIT_CODE
     if info.rank == 0:
         best = f"{state.best_val_loss:.4f}" if state.best_val_loss is not None else "n/a"
         print(f"done: step {state.step}, {state.consumed_tokens:,} tokens, best val_loss {best}", flush=True)

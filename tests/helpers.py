@@ -68,11 +68,21 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def _pretrain_cmd(config: Path, overrides, launcher: list[str] | None) -> list[str]:
+    cmd = (launcher or [sys.executable]) + [str(REPO / "launcher" / "pretrain.py"), "--config", str(config)]
+    return cmd + list(overrides)
+
+
 def run_pretrain(config: Path, *overrides: str, launcher: list[str] | None = None, timeout: int = 300):
     """Run launcher/pretrain.py in a subprocess (optionally under a launcher command); returns the result."""
-    cmd = (launcher or [sys.executable]) + [str(REPO / "launcher" / "pretrain.py"), "--config", str(config)]
-    return subprocess.run(cmd + list(overrides), cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(_pretrain_cmd(config, overrides, launcher), cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def start_pretrain(config: Path, *overrides: str) -> subprocess.Popen:
+    """Start launcher/pretrain.py without waiting (to signal or kill it)."""
+    return subprocess.Popen(_pretrain_cmd(config, overrides, None), cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

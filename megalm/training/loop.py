@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megalm.config import Config
 from megalm.data.loader import Split, TrainBatches, eval_batches
 from megalm.training.metrics import MetricsWriter, flops_per_token, memory_bytes
+from megalm.training.signals import StopSignals
 
 
 @dataclass
@@ -23,6 +24,7 @@ class LoopState:
     step: int = 0
     consumed_tokens: int = 0
     best_val_loss: float | None = None
+    preempted: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -162,8 +164,11 @@ class Trainer:
         self.state.history.append(row)
         progress.update(row) if "loss" in row else None
 
-    def run(self, on_checkpoint) -> LoopState:
-        """Train from state.step to max_steps; evaluate and checkpoint on their intervals and at the end."""
+    def run(self, on_checkpoint, stop: StopSignals) -> LoopState:
+        """Train from state.step to max_steps; evaluate and checkpoint on their intervals and at the end.
+
+        A stop signal (preemption) ends the run after the current step with a checkpoint: state.preempted.
+        """
         cfg, st = self.cfg, self.state
         progress = Progress(cfg, st.step, enabled=self.rank == 0)
         losses: list[float] = []
@@ -181,9 +186,17 @@ class Trainer:
             if self.val is not None and ((cfg.train.eval_interval and st.step % cfg.train.eval_interval == 0) or last):
                 self.run_eval(progress)
                 t_last = time.perf_counter()  # eval time is not training throughput
-            if (cfg.checkpoint.interval and st.step % cfg.checkpoint.interval == 0) or last:
+            saved = (cfg.checkpoint.interval and st.step % cfg.checkpoint.interval == 0) or last
+            if saved:
                 on_checkpoint(progress)
                 t_last = time.perf_counter()
+            if not last and stop.agreed(self.device):
+                progress.message(f"stop signal ({stop.received.name if stop.received else 'on another rank'}): "
+                                 f"saving a checkpoint at step {st.step} and exiting")  # fmt: skip
+                st.preempted = True
+                if not saved:
+                    on_checkpoint(progress)
+                break
         progress.close()
         return st
 

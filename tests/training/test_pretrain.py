@@ -1,11 +1,14 @@
 """End-to-end runs of launcher/pretrain.py as a user starts it: one process, resumed, and 2 processes."""
 
+import signal
 import socket
 import sys
+import time
 
 import pytest
 
-from tests.helpers import prepare_bytes_dataset, read_metrics, run_pretrain, tiny_config, train_losses
+from megalm.training.signals import PREEMPTED_EXIT_CODE
+from tests.helpers import prepare_bytes_dataset, read_metrics, run_pretrain, start_pretrain, tiny_config, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +99,24 @@ def test_two_processes_match_one_process(one_process_losses, tmp_path, launcher)
     assert sorted(losses) == sorted(reference) == list(range(1, 7))
     for step, loss in reference.items():
         assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, loss, losses[step])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_saves_a_checkpoint_and_exits_with_the_preemption_code(dataset, tmp_path, signum):
+    config = tiny_config(tmp_path, dataset, train={"max_steps": 5000, "eval_interval": 0})
+    run_dir = tmp_path / "runs" / "tiny"
+    proc = start_pretrain(config)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, f"stdout:\n{out}\nstderr:\n{err}"
+    step = int(out.split("preempted at step ")[1].split(":")[0])
+    assert step >= 3
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    # The same command continues from there.
+    again = _ok(run_pretrain(config, f"train.max_steps={step + 2}"))
+    assert f"at step {step}" in again.stdout and f"done: step {step + 2}" in again.stdout

@@ -1,0 +1,37 @@
+"""Preemption: SIGTERM or SIGUSR1 (SLURM's pre-kill signal) ends the run cleanly at the next step boundary.
+
+The handler only records the signal; at each step boundary the ranks agree (one all-reduce of a flag), so a
+signal that reached any rank stops all of them after the same step. The run then saves a checkpoint and
+exits with PREEMPTED_EXIT_CODE, which the sbatch script answers with a requeue.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "temporary failure, try again"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """Installs handlers that record SIGTERM/SIGUSR1; `agreed()` tells every rank whether any rank got one."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.received: signal.Signals | None = None
+        self._previous = {s: signal.signal(s, self._record) for s in signals}
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum)
+
+    def agreed(self, device: torch.device) -> bool:
+        """Collective: True on every rank if any rank has received a stop signal."""
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

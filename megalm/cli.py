@@ -10,12 +10,14 @@ from megalm.errors import MegalmError
 
 def build_parser() -> argparse.ArgumentParser:
     from launcher.pretrain import add_train_args
+    from launcher.slurm import add_slurm_args
     from megalm.data.prepare import add_prepare_args
 
     parser = argparse.ArgumentParser(prog="megalm", description="Pretrain decoder-only Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_prepare_args(sub.add_parser("prepare", help="turn .txt/.jsonl(.gz) files into token shards"))
-    add_train_args(sub.add_parser("train", help="train (one process, or under deepspeed/torchrun)"))
+    add_train_args(sub.add_parser("train", help="train (one process, or under deepspeed/torchrun/srun/mpirun)"))
+    add_slurm_args(sub.add_parser("slurm", help="write an sbatch script for a SLURM cluster to stdout"))
     return parser
 
 
@@ -25,6 +27,10 @@ def _dispatch(argv: list[str] | None) -> int:
         from megalm.data.prepare import run_prepare
 
         return run_prepare(args)
+    if args.command == "slurm":
+        from launcher.slurm import run_slurm
+
+        return run_slurm(args)
     from launcher.pretrain import train
 
     return train(args)

@@ -1,9 +1,11 @@
 """End-to-end runs of launcher/pretrain.py as a user starts it: one process, resumed, and 2 processes."""
 
+import shutil
 import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,9 +83,24 @@ def one_process_losses(dataset, tmp_path_factory):
 
 
 LAUNCHERS = {
-    "deepspeed": ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "{port}"],
-    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
+    "deepspeed": ["{python}", "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "{port}"],
+    "torchrun": ["{python}", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
+    # MPICH's Hydra (pip package `mpich`): ranks from PMI_RANK/PMI_SIZE, master agreed over mpi4py.
+    "mpirun": ["{mpiexec}", "-n", "2", "{python}"],
 }
+
+
+def _launcher_cmd(name: str) -> list[str]:
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    if name == "mpirun":
+        if mpiexec is None:
+            pytest.skip("no mpiexec: pip install mpich (make test installs it with the dev extras)")
+        try:
+            import mpi4py.MPI  # noqa: F401
+        except ImportError as e:
+            pytest.skip(f"mpi4py cannot load an MPI library: {e}")
+    subst = {"{python}": sys.executable, "{port}": str(_free_port()), "{mpiexec}": mpiexec or ""}
+    return [subst.get(a, a) for a in LAUNCHERS[name]]
 
 
 @pytest.mark.multiprocess
@@ -91,9 +108,7 @@ LAUNCHERS = {
 def test_two_processes_match_one_process(one_process_losses, tmp_path, launcher):
     """2 processes (CPU, gloo) under each launcher give the one-process loss curve for the same global batch."""
     config, reference = one_process_losses
-    port = str(_free_port())
-    cmd = [sys.executable] + [a.replace("{port}", port) for a in LAUNCHERS[launcher]]
-    result = _ok(run_pretrain(config, f"train.run_dir={tmp_path / 'two'}", launcher=cmd))
+    result = _ok(run_pretrain(config, f"train.run_dir={tmp_path / 'two'}", launcher=_launcher_cmd(launcher)))
     assert "2 process(es)" in result.stdout and "accum 2 x dp 2" in result.stdout
     losses = train_losses(tmp_path / "two")
     assert sorted(losses) == sorted(reference) == list(range(1, 7))

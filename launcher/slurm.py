@@ -39,6 +39,11 @@ def _check_time(value: str) -> str:
     return value
 
 
+def log_dir(args: argparse.Namespace) -> Path:
+    """Absolute run directory of the job (SLURM writes its log there but does not create it)."""
+    return Path(args.workdir) / load_config(args.config, args.overrides).run_dir
+
+
 def render(args: argparse.Namespace) -> str:
     """The sbatch script text for `args` (the config is loaded and checked against the world size first)."""
     cfg = load_config(args.config, args.overrides)
@@ -56,7 +61,7 @@ def render(args: argparse.Namespace) -> str:
         "partition_line": f"#SBATCH --partition={args.partition}\n" if args.partition else "",
         "account_line": f"#SBATCH --account={args.account}\n" if args.account else "",
         "time": _check_time(args.time),
-        "log_dir": cfg.run_dir,
+        "log_dir": q(str(log_dir(args))),
         "signal_seconds": args.signal_seconds,
         "preempt_code": PREEMPTED_EXIT_CODE,
         "extra_lines": "".join(f"#SBATCH {opt}\n" for opt in args.sbatch),
@@ -72,6 +77,6 @@ def render(args: argparse.Namespace) -> str:
 def run_slurm(args: argparse.Namespace) -> int:
     """Print the sbatch script; create the run directory its log goes to."""
     text = render(args)
-    load_config(args.config, args.overrides).run_dir.mkdir(parents=True, exist_ok=True)
+    log_dir(args).mkdir(parents=True, exist_ok=True)
     sys.stdout.write(text)
     return 0

@@ -2,7 +2,6 @@
 
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -10,17 +9,8 @@ from pathlib import Path
 import pytest
 
 from megalm.training.signals import PREEMPTED_EXIT_CODE
-from tests.helpers import prepare_bytes_dataset, read_metrics, run_pretrain, start_pretrain, tiny_config, train_losses
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return prepare_bytes_dataset(tmp_path_factory.mktemp("corpus"))
-
-
-def _ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
+from tests.helpers import free_port, read_metrics, run_pretrain, start_pretrain, tiny_config, train_losses
+from tests.helpers import ok as _ok
 
 
 def test_single_process_run_trains_evaluates_saves_and_resumes(dataset, tmp_path):
@@ -68,20 +58,6 @@ def test_print_config_shows_resolved_values(dataset, tmp_path):
     assert "n_layer: 3" in result.stdout and "global_batch_size: 8" in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def one_process_losses(dataset, tmp_path_factory):
-    root = tmp_path_factory.mktemp("one")
-    config = tiny_config(root, dataset, train={"eval_interval": 0})
-    _ok(run_pretrain(config))
-    return config, train_losses(root / "runs" / "tiny")
-
-
 LAUNCHERS = {
     "deepspeed": ["{python}", "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "{port}"],
     "torchrun": ["{python}", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
@@ -99,7 +75,7 @@ def _launcher_cmd(name: str) -> list[str]:
             import mpi4py.MPI  # noqa: F401
         except ImportError as e:
             pytest.skip(f"mpi4py cannot load an MPI library: {e}")
-    subst = {"{python}": sys.executable, "{port}": str(_free_port()), "{mpiexec}": mpiexec or ""}
+    subst = {"{python}": sys.executable, "{port}": str(free_port()), "{mpiexec}": mpiexec or ""}
     return [subst.get(a, a) for a in LAUNCHERS[name]]
 
 

@@ -166,5 +166,26 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(d.rank, d.world_size, d.local_rank, backend, d.how)
 
 
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def node_map() -> str:
+    """Collective: which ranks share a node, e.g. 'node1: ranks 0-7; node2: ranks 8-15'."""
+    hosts: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        by_host.setdefault(str(host), []).append(rank)
+    return "; ".join(f"{host}: ranks {_ranges(ranks)}" for host, ranks in by_host.items())
+
+
 def device_for(info: DistInfo) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if info.backend == "nccl" else torch.device("cpu")

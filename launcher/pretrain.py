@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from launcher.env import device_for, init_distributed
+from launcher.env import device_for, init_distributed, node_map
 from megalm.config import Config, load_config
 from megalm.data.loader import Split, TrainBatches, load_split
 from megalm.errors import MegalmError
@@ -70,12 +70,13 @@ def prepare_run_dir(cfg: Config, rank: int) -> None:
     dist.barrier()
 
 
-def describe(cfg: Config, info, model: GPT, train: TrainBatches, peak: tuple) -> str:
+def describe(cfg: Config, info, nodes: str, model: GPT, train: TrainBatches, peak: tuple) -> str:
     dp = info.world_size
     grad_accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
     return (
         f"megalm: {info.world_size} process(es) [{info.discovered_by}], backend {info.backend}, "
         f"tp 1 pp 1 dp {dp}, zero {cfg.zero.stage}, {cfg.precision.dtype}\n"
+        f"nodes: {nodes}\n"
         f"model: {cfg.model.family}, {model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, "
         f"d_model {cfg.model.d_model}, seq_len {cfg.model.seq_len}, attention {cfg.model.attention}\n"
         f"batch: {cfg.train.global_batch_size} sequences = {train.tokens_per_step:,} tokens/step "
@@ -118,8 +119,9 @@ def train(args: argparse.Namespace) -> int:
     peak = peak_tflops(cfg.log.peak_tflops)
     ctx = {"rank": info.rank, "dp": dp, "device": device, "n_params": n_params, "peak_tflops": peak[0]}
     trainer = Trainer(cfg, engine, batches, val_split, ctx)
+    nodes = node_map()
     if info.rank == 0:
-        print(describe(cfg, info, model, batches, peak), flush=True)
+        print(describe(cfg, info, nodes, model, batches, peak), flush=True)
     resume_from(cfg, trainer, info.rank)
 
     def on_checkpoint(progress) -> None:

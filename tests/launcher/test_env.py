@@ -69,3 +69,10 @@ def test_missing_master_address_for_several_processes():
         resolve_rendezvous(d)
     d = Discovered(1, 2, 1, "h0", None, "torchrun/deepspeed (RANK, WORLD_SIZE)")
     assert resolve_rendezvous(d).master_port == 29500
+
+
+@pytest.mark.parametrize("ranks, text", [([0], "0"), ([0, 1, 2, 5], "0-2,5"), ([1, 3, 4], "1,3-4")])
+def test_rank_ranges(ranks, text):
+    from launcher.env import _ranges
+
+    assert _ranges(ranks) == text

@@ -2,6 +2,7 @@
 
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def test_two_processes_match_one_process(one_process_losses, tmp_path, launcher)
     config, reference = one_process_losses
     result = _ok(run_pretrain(config, f"train.run_dir={tmp_path / 'two'}", launcher=_launcher_cmd(launcher)))
     assert "2 process(es)" in result.stdout and "accum 2 x dp 2" in result.stdout
+    assert f"nodes: {socket.gethostname()}: ranks 0-1" in result.stdout
     losses = train_losses(tmp_path / "two")
     assert sorted(losses) == sorted(reference) == list(range(1, 7))
     for step, loss in reference.items():

@@ -16,7 +16,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 import torch.distributed as dist
 import yaml
 
@@ -24,7 +23,8 @@ from launcher.env import device_for, init_distributed, node_map
 from megalm.config import Config, load_config
 from megalm.data.loader import Split, TrainBatches, load_split
 from megalm.errors import MegalmError
-from megalm.model.transformer import GPT
+from megalm.model.transformer import GPT, param_count
+from megalm.parallel import ParallelState
 from megalm.training import checkpoint
 from megalm.training.engine import build_engine, init_deepspeed_comm
 from megalm.training.loop import Trainer
@@ -70,17 +70,18 @@ def prepare_run_dir(cfg: Config, rank: int) -> None:
     dist.barrier()
 
 
-def describe(cfg: Config, info, nodes: str, model: GPT, train: TrainBatches, peak: tuple) -> str:
-    dp = info.world_size
-    grad_accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+def describe(cfg: Config, info, state: ParallelState, nodes: str, train: TrainBatches, peak: tuple) -> str:
+    grad_accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * state.dp)
+    sp = ", sequence parallel" if cfg.parallel.sequence_parallel and state.tp > 1 else ""
+    m = cfg.model
     return (
         f"megalm: {info.world_size} process(es) [{info.discovered_by}], backend {info.backend}, "
-        f"tp 1 pp 1 dp {dp}, zero {cfg.zero.stage}, {cfg.precision.dtype}\n"
+        f"tp {state.tp} pp {state.pp} dp {state.dp}{sp}, zero {cfg.zero.stage}, {cfg.precision.dtype}\n"
         f"nodes: {nodes}\n"
-        f"model: {cfg.model.family}, {model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, "
-        f"d_model {cfg.model.d_model}, seq_len {cfg.model.seq_len}, attention {cfg.model.attention}\n"
+        f"model: {m.family}, {param_count(m)['total'] / 1e6:.2f}M parameters, {m.n_layer} layers, "
+        f"d_model {m.d_model}, seq_len {m.seq_len}, attention {m.attention}\n"
         f"batch: {cfg.train.global_batch_size} sequences = {train.tokens_per_step:,} tokens/step "
-        f"(micro {cfg.train.micro_batch_size} x accum {grad_accum} x dp {dp}); "
+        f"(micro {cfg.train.micro_batch_size} x accum {grad_accum} x dp {state.dp}); "
         f"{train.steps_per_epoch} steps/epoch\n"
         f"MFU peak: {peak[0] or 'n/a'} TFLOP/s ({peak[1]})\n"
         f"run dir: {cfg.run_dir}"
@@ -101,33 +102,37 @@ def train(args: argparse.Namespace) -> int:
         return 0
     info = init_distributed()
     cfg.validate(info.world_size)
-    dp, device = info.world_size, device_for(info)
+    state = ParallelState(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    device = device_for(info)
 
     train_split, val_split = load_data(cfg)
     batches = TrainBatches(train_split, seq_len=cfg.model.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                           grad_accum=cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp),
-                           dp_rank=info.rank, dp_size=dp, seed=cfg.train.seed)  # fmt: skip
+                           grad_accum=cfg.train.global_batch_size // (cfg.train.micro_batch_size * state.dp),
+                           dp_rank=state.dp_rank, dp_size=state.dp, seed=cfg.train.seed)  # fmt: skip
     prepare_run_dir(cfg, info.rank)
 
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = GPT(cfg.model)
-    n_params = model.num_params(exclude_embeddings=True)
-    torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout differs across data-parallel ranks
+    state.seed(cfg.train.seed)  # the same weights on every rank (TP ranks keep their shards)
+    model = GPT(cfg.model, state, cfg.parallel.sequence_parallel).to(device)
     init_deepspeed_comm()
-    engine = build_engine(cfg, model, dp)
+    engine = build_engine(cfg, model, state)
 
     peak = peak_tflops(cfg.log.peak_tflops)
-    ctx = {"rank": info.rank, "dp": dp, "device": device, "n_params": n_params, "peak_tflops": peak[0]}
+    n_matmul = param_count(cfg.model)["matmul"]
+    ctx = {"rank": info.rank, "parallel": state, "device": device, "n_params": n_matmul, "peak_tflops": peak[0]}
     trainer = Trainer(cfg, engine, batches, val_split, ctx)
     nodes = node_map()
     if info.rank == 0:
-        print(describe(cfg, info, nodes, model, batches, peak), flush=True)
+        print(describe(cfg, info, state, nodes, batches, peak), flush=True)
     resume_from(cfg, trainer, info.rank)
 
     def on_checkpoint(progress) -> None:
-        meta = {"step": trainer.state.step, "consumed_tokens": trainer.state.consumed_tokens,
+        st = trainer.state
+        meta = {"step": st.step, "consumed_tokens": st.consumed_tokens,
+                "consumed_samples": st.consumed_tokens // cfg.model.seq_len, "best_val_loss": st.best_val_loss,
                 "loader": batches.state_dict(), "config": cfg.to_dict()}  # fmt: skip
-        path = checkpoint.save(engine, cfg.checkpoint_dir, trainer.state.step, meta, cfg.checkpoint.keep_last)
+        path = checkpoint.save(engine, cfg.checkpoint_dir, st.step, meta, cfg.checkpoint.keep_last,
+                               rank_state={"loader": batches.state_dict()}, rng_tracker=trainer.par.rng,
+                               log=progress.message)  # fmt: skip
         progress.message(f"saved checkpoint {path}")
 
     stop = StopSignals()
@@ -146,16 +151,17 @@ def train(args: argparse.Namespace) -> int:
 
 
 def resume_from(cfg: Config, trainer: Trainer, rank: int) -> None:
-    """Apply train.resume: load the checkpoint's weights, optimizer, schedule and loader position."""
-    where = checkpoint.resolve_resume(cfg.train.resume, cfg.checkpoint_dir)
-    if where is None:
+    """Apply train.resume: load the newest valid checkpoint's weights, optimizer, schedule, loader and RNG states."""
+    path = checkpoint.resolve_resume(cfg.train.resume, cfg.checkpoint_dir)
+    if path is None:
         return
-    meta = checkpoint.load(trainer.engine, where)
+    meta = checkpoint.load(trainer.engine, path, rng_tracker=trainer.par.rng)
     trainer.state.step = meta["step"]
     trainer.state.consumed_tokens = meta["consumed_tokens"]
+    trainer.state.best_val_loss = meta.get("best_val_loss")
     trainer.train.load_state_dict(meta["loader"])
     if rank == 0:
-        print(f"resumed from {where[0] / where[1]} at step {meta['step']}", flush=True)
+        print(f"resumed from {path} at step {meta['step']}", flush=True)
 
 
 def run_and_exit(main_fn=main, argv: list[str] | None = None) -> None:

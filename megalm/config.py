@@ -34,7 +34,7 @@ class ModelConfig:
     ffn_hidden: int | None = None
     """MLP hidden size; None means 4*d_model (gpt2) or 2/3*4*d_model rounded up to a multiple of 64 (llama)."""
     vocab_size: int = 50304
-    """Embedding rows; must be at least the tokenizer's vocabulary (pad up to a multiple of 64 for speed)."""
+    """Vocabulary (>= the tokenizer's); the embedding is padded to a multiple of 128*tp rows, never predicted."""
     seq_len: int = 256
     """Context length in tokens (also the training window length)."""
     attention: Literal["auto", "flash", "fused_softmax", "sdpa", "eager"] = "auto"
@@ -80,7 +80,7 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1
-    """Tensor-parallel size (not yet implemented: must be 1)."""
+    """Tensor-parallel size: heads, MLP columns and the vocabulary are split across tp ranks (inside a node)."""
     pp: int = 1
     """Pipeline-parallel size (not yet implemented: must be 1); dp is world_size / (tp * pp)."""
     sequence_parallel: bool = False
@@ -261,10 +261,16 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         _fail(cfg, "model.d_model", f"llama's RoPE needs an even head dim, got {m.head_dim}")
     if not 0.0 <= m.dropout < 1.0:
         _fail(cfg, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if p.tp != 1 or p.pp != 1:
-        _fail(cfg, "parallel.tp" if p.tp != 1 else "parallel.pp", "tensor/pipeline parallelism is not built yet")
+    if p.pp != 1:
+        _fail(cfg, "parallel.pp", "pipeline parallelism is not built yet: use parallel.pp=1")
+    for key, value in (("model.n_head", m.n_head), ("model.n_kv_head", m.kv_heads), ("model.ffn_hidden", m.ffn_size)):
+        if value % p.tp:
+            _fail(cfg, key, f"{value} is not divisible by parallel.tp={p.tp}: every tensor-parallel rank needs "
+                            "whole heads and an equal share of the MLP")  # fmt: skip
     if p.sequence_parallel and p.tp == 1:
         _fail(cfg, "parallel.sequence_parallel", "needs parallel.tp > 1")
+    if p.sequence_parallel and m.seq_len % p.tp:
+        _fail(cfg, "parallel.sequence_parallel", f"model.seq_len={m.seq_len} is not divisible by parallel.tp={p.tp}")
     if cfg.zero.stage not in (0, 1, 2, 3):
         _fail(cfg, "zero.stage", f"must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     if cfg.zero.offload_optimizer == "cpu" and cfg.zero.stage == 0:

@@ -32,7 +32,9 @@ def test_yaml_and_overrides_fill_typed_fields(tmp_path):
         ("", ["optim.min_lr=1.0"], "need 0 <= min_lr <= lr"),
         ("", ["train.global_batch_size=12", "train.micro_batch_size=8"], "not a multiple of"),
         ("", ["zero.stage=4"], "zero.stage: must be 0, 1, 2 or 3"),
-        ("", ["parallel.tp=2"], "not built yet"),
+        ("", ["parallel.pp=2"], "not built yet"),
+        ("", ["parallel.tp=3"], "model.n_head: 4 is not divisible by parallel.tp=3"),
+        ("", ["parallel.sequence_parallel=true"], "needs parallel.tp > 1"),
         ("model: 3\n", [], "model: expected a mapping"),
     ],
 )

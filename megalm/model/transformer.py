@@ -1,8 +1,15 @@
-"""Decoder-only Transformer: GPT-2 and Llama families from one ModelConfig.
+"""Decoder-only Transformer: GPT-2 and Llama families from one ModelConfig, tensor-parallel by construction.
 
 GPT-2: LayerNorm, GELU MLP, learned positions, tied embeddings, biases.
 Llama: RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases, untied head.
-Local sizes come from the tensors, not the config, so the same code serves tensor-parallel shards.
+
+Tensor parallelism (Megatron): attention heads and MLP columns are split across the TP group of `state`
+(column-parallel in, row-parallel out), the vocabulary too (vocab-parallel embedding, head and loss). At tp=1
+the same layers are plain linears with no communication. Local sizes come from the tensors, not the config.
+With sequence parallelism, norms, dropout and residuals hold T/tp tokens per rank.
+
+Initialisation does not depend on tp: every weight is drawn in full from the default generator in the same
+order and each rank keeps its shard, so a model built at tp=2 holds exactly the shards of the tp=1 model.
 """
 
 from __future__ import annotations
@@ -14,26 +21,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalm.config import ModelConfig
+from megalm.errors import MegalmError
+from megalm.parallel import (
+    ColumnParallelLinear,
+    ParallelState,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tp_region,
+    gather_from_sequence_region,
+    gather_from_tp_region,
+    normal_init,
+    vocab_parallel_cross_entropy,
+)
+
+VOCAB_MULTIPLE = 128
+"""The embedding and head are padded to a multiple of VOCAB_MULTIPLE * tp rows; padding is never predicted."""
 
 
-class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight, computed in fp32."""
+class Norm(nn.Module):
+    """LayerNorm (gpt2) or RMSNorm (llama), computed in fp32.
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    Under sequence parallelism each TP rank normalises only its tokens, so the replicated weight enters through
+    copy_to_tp_region and its gradient is summed over the TP group (`grad_group`).
+    """
+
+    def __init__(self, cfg: ModelConfig, grad_group=None):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.rms, self.eps, self.grad_group = cfg.family == "llama", cfg.norm_eps, grad_group
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.use_bias and not self.rms else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).type_as(x)
-
-
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.family == "llama":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.use_bias)
+        w = copy_to_tp_region(self.weight, self.grad_group)
+        if self.rms:
+            xf = x.float()
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (y * w.float()).type_as(x)
+        b = copy_to_tp_region(self.bias, self.grad_group) if self.bias is not None else None
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,129 +105,185 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str,
     return probs @ v
 
 
-class Attention(nn.Module):
-    """Multi-head / grouped-query causal self-attention with one fused qkv projection."""
+class _Parallel:
+    """What every layer needs to know about the layout: the state and whether sequence parallelism is on."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, sequence_parallel: bool):
+        self.cfg, self.state, self.sp = cfg, state, sequence_parallel
+        self.sp_group = state.tp_group if sequence_parallel else None
+
+    def dropout(self, x: torch.Tensor, p: float, training: bool, tp_local: bool) -> torch.Tensor:
+        """Dropout; activations that differ across TP ranks (tp_local, or token-split by SP) use the TP stream."""
+        if not training or p == 0.0:
+            return x
+        if self.state.tp > 1 and (tp_local or self.sp):
+            with self.state.rng.fork():
+                return F.dropout(x, p, True)
+        return F.dropout(x, p, True)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; heads (and GQA key/value heads) split across TP ranks, one fused qkv projection."""
+
+    def __init__(self, cfg: ModelConfig, par: _Parallel):
         super().__init__()
-        self.cfg = cfg
-        self.head_dim = cfg.head_dim
-        self.q_size = cfg.n_head * cfg.head_dim
-        self.kv_size = cfg.kv_heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, self.q_size + 2 * self.kv_size, bias=cfg.use_bias)
-        self.proj = nn.Linear(self.q_size, cfg.d_model, bias=cfg.use_bias)
-        self.proj.residual_out = True
+        self.par, self.head_dim = par, cfg.head_dim
+        q_size, kv_size = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.qkv = ColumnParallelLinear(cfg.d_model, q_size + 2 * kv_size, bias=cfg.use_bias, state=par.state,
+                                        sequence_parallel=par.sp, partition_sizes=[q_size, kv_size, kv_size],
+                                        init_method=normal_init(cfg.init_std))  # fmt: skip
+        self.proj = RowParallelLinear(q_size, cfg.d_model, bias=cfg.use_bias, state=par.state, sequence_parallel=par.sp,
+                                      init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.n_layer)))  # fmt: skip
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.qkv(x)
-        q_local = qkv.shape[-1] * self.q_size // (self.q_size + 2 * self.kv_size)
-        kv_local = (qkv.shape[-1] - q_local) // 2
-        q, k, v = qkv.split([q_local, kv_local, kv_local], dim=-1)
+        q, k, v = self.qkv(x).split(self.qkv.local_partition_sizes, dim=-1)
+        B, T = q.shape[:2]  # T is the full sequence: the column-parallel layer gathered it under SP
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh_local, T, hd)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv_local, T, hd)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv_local, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        p = self.cfg.dropout if self.training else 0.0
-        y = attention_core(q, k, v, self.cfg.attention, p)  # (B, nh_local, T, hd)
+        cfg, par = self.par.cfg, self.par
+        p = cfg.dropout if self.training else 0.0
+        if p > 0 and par.state.tp > 1:
+            with par.state.rng.fork():  # the probabilities of this rank's heads
+                y = attention_core(q, k, v, cfg.attention, p)
+        else:
+            y = attention_core(q, k, v, cfg.attention, p)  # (B, nh_local, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh_local*hd)
-        return F.dropout(self.proj(y), p, self.training)
+        return par.dropout(self.proj(y), p, self.training, tp_local=False)
 
 
 class MLP(nn.Module):
-    """GELU MLP (gpt2) or SwiGLU (llama: gate and up projections fused in one linear)."""
+    """GELU MLP (gpt2) or SwiGLU (llama: gate and up fused in one column-parallel linear)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, par: _Parallel):
         super().__init__()
-        self.cfg = cfg
-        self.swiglu = cfg.family == "llama"
-        n_up = 2 if self.swiglu else 1
-        self.up = nn.Linear(cfg.d_model, n_up * cfg.ffn_size, bias=cfg.use_bias)
-        self.down = nn.Linear(cfg.ffn_size, cfg.d_model, bias=cfg.use_bias)
-        self.down.residual_out = True
+        self.par, self.swiglu = par, cfg.family == "llama"
+        blocks = [cfg.ffn_size] * (2 if self.swiglu else 1)
+        self.up = ColumnParallelLinear(cfg.d_model, sum(blocks), bias=cfg.use_bias, state=par.state,
+                                       sequence_parallel=par.sp, partition_sizes=blocks,
+                                       init_method=normal_init(cfg.init_std))  # fmt: skip
+        self.down = RowParallelLinear(cfg.ffn_size, cfg.d_model, bias=cfg.use_bias, state=par.state,
+                                      sequence_parallel=par.sp,
+                                      init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.n_layer)))  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
+        h = self.up(x)  # (B, T, blocks*ffn/tp)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
+            gate, up = h.split(self.up.local_partition_sizes, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
-        p = self.cfg.dropout if self.training else 0.0
-        return F.dropout(self.down(h), p, self.training)
+        p = self.par.cfg.dropout if self.training else 0.0
+        return self.par.dropout(self.down(h), p, self.training, tp_local=False)
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, par: _Parallel):
         super().__init__()
-        self.norm1 = make_norm(cfg)
-        self.attn = Attention(cfg)
-        self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.norm1 = Norm(cfg, par.sp_group)
+        self.attn = Attention(cfg, par)
+        self.norm2 = Norm(cfg, par.sp_group)
+        self.mlp = MLP(cfg, par)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
 
-class GPT(nn.Module):
-    """Token ids (B, T) -> logits (B, T, vocab), or the mean cross-entropy when targets are given."""
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Clear errors for a model that cannot be split `tp` ways."""
+    for name, value in (("n_head", cfg.n_head), ("n_kv_head", cfg.kv_heads), ("ffn_hidden", cfg.ffn_size)):
+        if value % tp:
+            raise MegalmError(f"model.{name} = {value} is not divisible by parallel.tp = {tp}: "
+                              f"each tensor-parallel rank needs whole heads and equal MLP slices")  # fmt: skip
 
-    def __init__(self, cfg: ModelConfig):
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> logits (B, T, vocab), or the cross-entropy when targets are given."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState | None = None, sequence_parallel: bool = False):
         super().__init__()
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.family == "gpt2" else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = make_norm(cfg)
-        self.head = None if cfg.tied else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        state = state or ParallelState.single()
+        check_tp(cfg, state.tp)
+        self.cfg, self.state = cfg, state
+        self.par = par = _Parallel(cfg, state, sequence_parallel and state.tp > 1)
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, state=state, pad_to_multiple=VOCAB_MULTIPLE,
+                                          sequence_parallel=par.sp, init_method=normal_init(cfg.init_std))  # fmt: skip
+        self.wpe = None
+        if cfg.family == "gpt2":
+            self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model, _weight=torch.empty(cfg.seq_len, cfg.d_model))
+            nn.init.normal_(self.wpe.weight, 0.0, cfg.init_std)
+        self.blocks = nn.ModuleList(Block(cfg, par) for _ in range(cfg.n_layer))
+        self.norm_f = Norm(cfg, par.sp_group)
+        self.head = None if cfg.tied else self._untied_head()
         if cfg.family == "llama":
             cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2*n_layer) (GPT-2/Megatron)."""
-        std = self.cfg.init_std
-        if isinstance(module, nn.Linear):
-            scale = 1.0 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual_out", False) else 1.0
-            nn.init.normal_(module.weight, 0.0, std * scale)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, std)
+    def _untied_head(self) -> ColumnParallelLinear:
+        """Vocab-parallel head over the padded vocabulary; drawn as (vocab, d) so init does not depend on tp."""
+        cfg, padded = self.cfg, self.wte.padded_vocab_size
+        head = ColumnParallelLinear(cfg.d_model, padded, bias=False, state=self.state, sequence_parallel=self.par.sp,
+                                    init_method=nn.init.zeros_)  # fmt: skip
+        master = torch.empty(cfg.vocab_size, cfg.d_model).normal_(0.0, cfg.init_std)
+        with torch.no_grad():
+            head.weight.copy_(head.shard(F.pad(master, (0, 0, 0, padded - cfg.vocab_size))))
+        return head
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        B, T = idx.shape
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token (+ position) embeddings: (B, T, d), or this rank's (B, T/tp, d) under sequence parallelism."""
+        x = self.wte(idx)
+        if self.wpe is not None:
+            pos = self.wpe.weight[: idx.shape[1]]  # (T, d)
+            if self.par.sp:  # this rank's tokens; the gradient is summed over the TP group
+                pos = copy_to_tp_region(pos, self.state.tp_group).chunk(self.state.tp)[self.state.tp_rank]
+            x = x + pos
+        return self.par.dropout(x, self.cfg.dropout, self.training, tp_local=False)
+
+    def local_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits (B, T, V_padded/tp) from the final hidden states."""
+        if self.head is not None:
+            return self.head(x)
+        group = self.state.tp_group
+        h = gather_from_sequence_region(x, group) if self.par.sp else copy_to_tp_region(x, group)  # (B, T, d)
+        return F.linear(h, self.wte.weight)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """Logits (B, T, vocab_size) without targets; with targets the loss ("mean", or per token with "none")."""
+        T = idx.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len}")
-        x = self.wte(idx)  # (B, T, d)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
-        else:
-            rope = (self.rope_cos, self.rope_sin)
-        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.wpe is None else None
+        x = self.embed(idx)
         for block in self.blocks:
             x = block(x, rope)
-        x = self.norm_f(x)
-        logits = F.linear(x, self.wte.weight) if self.head is None else self.head(x)  # (B, T, V)
+        logits = self.local_logits(self.norm_f(x))  # (B, T, V_local)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+            return gather_from_tp_region(logits, self.state.tp_group)[..., : self.cfg.vocab_size]
+        return vocab_parallel_cross_entropy(logits, targets, self.state, vocab_size=self.cfg.vocab_size,
+                                            reduction=reduction)  # fmt: skip
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count; excluding position (and, untied, input) embeddings gives the FLOP-relevant N."""
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.wpe.weight.numel() if self.wpe is not None else 0
-            n -= self.wte.weight.numel() if self.head is not None else 0
-        return n
+
+def param_count(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of the whole model (all TP shards, no padding): total, and `matmul` (those doing matmul work:
+    everything but the position embedding and an untied input embedding, the N of 6N FLOPs per token)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    q, kv = cfg.n_head * hd, cfg.kv_heads * hd
+    n_up = 2 if cfg.family == "llama" else 1
+    bias = cfg.use_bias
+    attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if bias else 0)
+    mlp = d * n_up * cfg.ffn_size + cfg.ffn_size * d + (n_up * cfg.ffn_size + d if bias else 0)
+    norm = d * (2 if bias and cfg.family == "gpt2" else 1)
+    layers = cfg.n_layer * (attn + mlp + 2 * norm)
+    head = cfg.vocab_size * d
+    wte = 0 if cfg.tied else cfg.vocab_size * d
+    wpe = cfg.seq_len * d if cfg.family == "gpt2" else 0
+    return {"total": layers + norm + head + wte + wpe, "matmul": layers + head}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

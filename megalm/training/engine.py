@@ -85,8 +85,11 @@ def init_deepspeed_comm() -> None:
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, dp: int):
-    """Wrap `model` in a DeepSpeed engine with AdamW, the lr schedule and the generated config."""
+def build_engine(cfg: Config, model: torch.nn.Module, state):
+    """Wrap `model` in a DeepSpeed engine with AdamW, the lr schedule and the generated config.
+
+    `state` (a ParallelState) is DeepSpeed's `mpu`: ZeRO shards and gradients average over its data-parallel
+    group only, and gradient clipping counts tensor-parallel shards once."""
     import deepspeed
 
     optimizer = torch.optim.AdamW(
@@ -100,7 +103,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, dp: int):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, dp),
+        config=deepspeed_config(cfg, state.dp),
+        mpu=state,
         dist_init_required=False,
     )
     return engine

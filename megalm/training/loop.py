@@ -35,13 +35,21 @@ def _all_mean(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the (already data-parallel averaged) gradients of a replicated module."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
+def _grad_norm(module: torch.nn.Module, tp_group) -> float:
+    """Global L2 norm of the (data-parallel averaged) gradients: TP shards summed over the TP group, replicated
+    parameters counted once."""
+    sharded, replicated = [], []
+    for p in module.parameters():
+        if p.grad is not None:
+            (sharded if getattr(p, "tensor_model_parallel", False) else replicated).append(p.grad.detach().float())
+    sq = lambda grads: torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())  # noqa: E731
+    total = sq(sharded)
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(total, group=tp_group)
+    return (total + sq(replicated)).sqrt().item()
 
 
-def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, tp_group=None):
     """Forward/backward every micro-batch, then one optimizer step; returns (this rank's mean loss, grad norm).
 
     DeepSpeed reports the gradient norm itself except in plain fp32 without ZeRO; there it is measured here
@@ -56,7 +64,7 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], d
             and engine.zero_optimization_stage() == 0
             and not (engine.bfloat16_enabled() or engine.fp16_enabled())
         ):
-            own_norm = _grad_norm(engine.module)
+            own_norm = _grad_norm(engine.module, tp_group)
         engine.step()
         total += loss.item()
     norm = engine.get_global_grad_norm()
@@ -64,7 +72,7 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], d
 
 
 @torch.no_grad()
-def evaluate(engine, split: Split, cfg: Config, rank: int, dp: int, device: torch.device) -> dict[str, float]:
+def evaluate(engine, split: Split, cfg: Config, rank: int, dp: int, device: torch.device, dp_group=None) -> dict:
     """Mean loss and perplexity over the first eval_iters*micro_batch*dp windows of the validation split."""
     engine.eval()
     # Every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively).
@@ -74,11 +82,10 @@ def evaluate(engine, split: Split, cfg: Config, rank: int, dp: int, device: torc
     batches = eval_batches(split, seq_len=cfg.model.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                            dp_rank=rank, dp_size=dp, max_windows=limit)  # fmt: skip
     for x, y in batches:
-        logits = engine(x.to(device))
-        losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y.to(device), reduction="none")
+        losses = engine(x.to(device), y.to(device), reduction="none")  # (B, T)
         loss_sum[0] += losses.mean(dim=1).sum().double()
         loss_sum[1] += x.shape[0]
-    dist.all_reduce(loss_sum)
+    dist.all_reduce(loss_sum, group=dp_group)
     engine.train()
     val_loss = (loss_sum[0] / loss_sum[1]).item()
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_windows": int(loss_sum[1])}
@@ -133,7 +140,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, engine, train: TrainBatches, val: Split | None, ctx: dict[str, Any]):
         self.cfg, self.engine, self.train, self.val = cfg, engine, train, val
-        self.rank, self.dp, self.device = ctx["rank"], ctx["dp"], ctx["device"]
+        self.par = ctx["parallel"]  # ParallelState
+        self.rank, self.dp_rank, self.dp, self.device = ctx["rank"], self.par.dp_rank, self.par.dp, ctx["device"]
         self.n_params = ctx["n_params"]
         self.peak = ctx["peak_tflops"]
         self.state = LoopState()
@@ -174,7 +182,8 @@ class Trainer:
         losses: list[float] = []
         t_last, tok_last = time.perf_counter(), st.consumed_tokens
         while st.step < cfg.train.max_steps:
-            loss, self.last_grad_norm = train_step(self.engine, self.train.next_step(), self.device)
+            micro_batches = self.train.next_step()
+            loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.device, self.par.tp_group)
             losses.append(loss)
             st.step += 1
             st.consumed_tokens += self.train.tokens_per_step
@@ -201,7 +210,7 @@ class Trainer:
         return st
 
     def run_eval(self, progress: Progress) -> None:
-        result = evaluate(self.engine, self.val, self.cfg, self.rank, self.dp, self.device)
+        result = evaluate(self.engine, self.val, self.cfg, self.dp_rank, self.dp, self.device, self.par.dp_group)
         st = self.state
         st.best_val_loss = min(st.best_val_loss or math.inf, result["val_loss"])
         self.emit({"step": st.step, **result}, progress)

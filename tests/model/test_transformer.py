@@ -24,7 +24,7 @@ def test_shapes_and_family_features(family):
     if family == "gpt2":
         assert model.wpe is not None and model.head is None  # learned positions, tied head
         assert "blocks.0.attn.qkv.bias" in names
-        assert isinstance(model.blocks[0].norm1, torch.nn.LayerNorm)
+        assert model.blocks[0].norm1.bias is not None and not model.blocks[0].norm1.rms
     else:
         assert model.wpe is None and model.head is not None  # RoPE, untied head
         assert not any(n.endswith("bias") for n in names)
@@ -95,7 +95,7 @@ def test_no_weight_decay_on_norms_and_biases():
     decay, no_decay = param_groups(model, 0.1)
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in model.parameters())
 
 
 def test_too_long_sequence_is_refused():
@@ -120,3 +120,16 @@ def test_rope_rotates_half_pairs_and_preserves_relative_positions():
     out = apply_rope(x, cos, sin)
     assert out[0, 0, 1, 0] == pytest.approx(torch.cos(torch.tensor(1.0)).item(), abs=1e-6)
     assert out[0, 0, 1, 4] == pytest.approx(torch.sin(torch.tensor(1.0)).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_param_count_matches_the_model(family):
+    from megalm.model.transformer import param_count
+
+    cfg = tiny(family, vocab_size=128)  # a multiple of 128: no embedding padding at tp=1
+    model = GPT(cfg)
+    counts = param_count(cfg)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    embeddings = cfg.seq_len * cfg.d_model if family == "gpt2" else cfg.vocab_size * cfg.d_model
+    norm_f = sum(p.numel() for p in model.norm_f.parameters())
+    assert counts["matmul"] == counts["total"] - embeddings - norm_f

@@ -166,7 +166,7 @@ class TrainConfig:
     eval_interval: int = 100
     """Steps between evaluations on data.val (also after the last step); 0 disables."""
     eval_iters: int = 50
-    """Evaluation uses at most eval_iters * micro_batch_size * dp windows of the validation split."""
+    """Evaluation reads the first eval_iters * global_batch_size windows of data.val (the same for any layout)."""
 
 
 @dataclass

@@ -73,11 +73,12 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], d
 
 @torch.no_grad()
 def evaluate(engine, split: Split, cfg: Config, rank: int, dp: int, device: torch.device, dp_group=None) -> dict:
-    """Mean loss and perplexity over the first eval_iters*micro_batch*dp windows of the validation split."""
+    """Mean loss and perplexity over the first eval_iters * global_batch_size windows of the validation split
+    (rounded down to a multiple of dp: every rank must run the same number of forwards)."""
     engine.eval()
     # Every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively).
     n_windows = (len(split.tokens) - 1) // cfg.model.seq_len
-    limit = min(cfg.train.eval_iters * cfg.train.micro_batch_size * dp, n_windows) // dp * dp
+    limit = min(cfg.train.eval_iters * cfg.train.global_batch_size, n_windows) // dp * dp
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of window losses, windows)
     batches = eval_batches(split, seq_len=cfg.model.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                            dp_rank=rank, dp_size=dp, max_windows=limit)  # fmt: skip

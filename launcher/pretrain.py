@@ -21,8 +21,9 @@ import yaml
 
 from launcher.env import device_for, init_distributed, node_map
 from megalm.config import Config, load_config
-from megalm.data.loader import Split, TrainBatches, load_split
+from megalm.data.loader import Blend, Split, TrainBatches, load_blend, load_split
 from megalm.errors import MegalmError
+from megalm.model.pipeline import build_pipeline
 from megalm.model.transformer import GPT, param_count
 from megalm.parallel import ParallelState
 from megalm.training import checkpoint
@@ -40,27 +41,25 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def load_data(cfg: Config) -> tuple[Split, Split | None]:
-    """Both splits, checked against the model's vocabulary and the expected tokenizer."""
-    splits = []
-    for key, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
-        if path is None:
-            splits.append(None)
+def load_data(cfg: Config) -> tuple[Blend, Split | None]:
+    """The training sources (one split or a blend) and the validation split, checked against the model."""
+    train = load_blend(cfg.data.train, on_error=cfg.data.on_error)
+    val = load_split(cfg.data.val, on_error=cfg.data.on_error) if cfg.data.val is not None else None
+    for key, split in [("data.train", s) for s in train.splits] + [("data.val", val)]:
+        if split is None:
             continue
-        split = load_split(path)
         if split.vocab_size > cfg.model.vocab_size:
-            raise MegalmError(f"{key}: shards in {path} use a vocabulary of {split.vocab_size} tokens but "
+            raise MegalmError(f"{key}: shards in {split.path} use a vocabulary of {split.vocab_size} tokens but "
                               f"model.vocab_size is {cfg.model.vocab_size}; raise model.vocab_size")  # fmt: skip
         spec = split.tokenizer_spec
         name = spec.get("path") if spec.get("type") == "hf" else spec.get("type")
         if cfg.data.tokenizer and name != cfg.data.tokenizer:
-            raise MegalmError(f"{key}: shards in {path} were made with tokenizer '{name}', "
+            raise MegalmError(f"{key}: shards in {split.path} were made with tokenizer '{name}', "
                               f"but data.tokenizer is '{cfg.data.tokenizer}'")  # fmt: skip
-        if len(split.tokens) <= cfg.model.seq_len:
-            raise MegalmError(f"{key}: {path} holds {len(split.tokens)} tokens, fewer than one window of "
+        if split.num_tokens <= cfg.model.seq_len:
+            raise MegalmError(f"{key}: {split.path} holds {split.num_tokens} tokens, fewer than one window of "
                               f"model.seq_len+1 = {cfg.model.seq_len + 1}")  # fmt: skip
-        splits.append(split)
-    return splits[0], splits[1]
+    return train, val
 
 
 def prepare_run_dir(cfg: Config, rank: int) -> None:
@@ -102,18 +101,22 @@ def train(args: argparse.Namespace) -> int:
         return 0
     info = init_distributed()
     cfg.validate(info.world_size)
+    init_deepspeed_comm()  # DeepSpeed adopts the process group (the pipeline module needs it to build)
     state = ParallelState(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     device = device_for(info)
 
     train_split, val_split = load_data(cfg)
     batches = TrainBatches(train_split, seq_len=cfg.model.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                            grad_accum=cfg.train.global_batch_size // (cfg.train.micro_batch_size * state.dp),
-                           dp_rank=state.dp_rank, dp_size=state.dp, seed=cfg.train.seed)  # fmt: skip
+                           dp_rank=state.dp_rank, dp_size=state.dp, seed=cfg.train.seed,
+                           num_workers=cfg.data.num_workers, on_error=cfg.data.on_error)  # fmt: skip
     prepare_run_dir(cfg, info.rank)
 
-    state.seed(cfg.train.seed)  # the same weights on every rank (TP ranks keep their shards)
-    model = GPT(cfg.model, state, cfg.parallel.sequence_parallel).to(device)
-    init_deepspeed_comm()
+    if state.pp > 1:
+        model = build_pipeline(cfg, state).to(device)  # the same layers, seeded per layer, split into stages
+    else:
+        model = GPT(cfg.model, state, cfg.parallel.sequence_parallel, seed=cfg.train.seed).to(device)
+    state.seed(cfg.train.seed)  # dropout: the same default stream on TP ranks, a TP stream per rank
     engine = build_engine(cfg, model, state)
 
     peak = peak_tflops(cfg.log.peak_tflops)
@@ -145,7 +148,9 @@ def train(args: argparse.Namespace) -> int:
         return PREEMPTED_EXIT_CODE
     if info.rank == 0:
         best = f"{state.best_val_loss:.4f}" if state.best_val_loss is not None else "n/a"
-        print(f"done: step {state.step}, {state.consumed_tokens:,} tokens, best val_loss {best}", flush=True)
+        skipped = sum(r.get("skipped_samples", 0) for r in state.history)
+        print(f"done: step {state.step}, {state.consumed_tokens:,} tokens, best val_loss {best}, "
+              f"{skipped} bad data samples skipped", flush=True)  # fmt: skip
         print(f"  metrics: {cfg.run_dir / 'metrics.jsonl'}\n  checkpoints: {cfg.checkpoint_dir}", flush=True)
     return 0
 

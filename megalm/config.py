@@ -82,11 +82,16 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size: heads, MLP columns and the vocabulary are split across tp ranks (inside a node)."""
     pp: int = 1
-    """Pipeline-parallel size (not yet implemented: must be 1); dp is world_size / (tp * pp)."""
+    """Pipeline stages (DeepSpeed's pipeline engine, 1F1B); dp is world_size / (tp * pp)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism inside TP regions (needs tp > 1)."""
     micro_batches: int | None = None
-    """Pipeline micro-batches per step (pp > 1 only)."""
+    """Pipeline micro-batches per step and data-parallel rank; must equal global/(micro*dp) when set."""
+    partition: str = "parameters"
+    """How layers are split into pipeline stages: parameters (balance parameter counts), uniform, or
+    type:Block (balance the Transformer blocks)."""
+    activation_checkpoint_interval: int = 0
+    """Pipeline: recompute activations every this many layers in backward (0: keep them all)."""
 
 
 @dataclass
@@ -135,16 +140,16 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "data/shakespeare/train"
-    """Directory (or manifest.json) of training shards written by `megalm prepare`."""
+    train: str | list[dict] = "data/shakespeare/train"
+    """Training shards from `megalm prepare`: a split directory, or a blend [{path: DIR, weight: W, shards: URLS}]."""
     val: str | None = "data/shakespeare/val"
     """Held-out shards for evaluation; None disables evaluation."""
     tokenizer: str | None = None
     """Expected tokenizer name; checked against the shards' manifest when set."""
     num_workers: int = 0
-    """Background data-loader workers (reserved for the streaming loader)."""
+    """DataLoader worker processes per rank reading shards (0: read in the training process)."""
     on_error: Literal["raise", "skip"] = "raise"
-    """What to do with bad input data (skipped data is always counted and reported)."""
+    """Bad shards or samples: stop with an error naming them, or skip them (counted in metrics and the summary)."""
 
 
 @dataclass
@@ -261,8 +266,14 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         _fail(cfg, "model.d_model", f"llama's RoPE needs an even head dim, got {m.head_dim}")
     if not 0.0 <= m.dropout < 1.0:
         _fail(cfg, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if p.pp != 1:
-        _fail(cfg, "parallel.pp", "pipeline parallelism is not built yet: use parallel.pp=1")
+    if p.pp > 1 and cfg.zero.stage > 1:
+        why = "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
+        _fail(cfg, "zero.stage", f"{cfg.zero.stage} with parallel.pp={p.pp}: {why}; use zero.stage=1 with pipelines")
+    if p.pp > m.n_layer + 4:
+        _fail(cfg, "parallel.pp", f"{p.pp} stages for {m.n_layer + 4} layers (embedding, positions, blocks, "
+                                  "norm, head): use fewer stages")  # fmt: skip
+    if p.activation_checkpoint_interval < 0:
+        _fail(cfg, "parallel.activation_checkpoint_interval", "must be >= 0")
     for key, value in (("model.n_head", m.n_head), ("model.n_kv_head", m.kv_heads), ("model.ffn_hidden", m.ffn_size)):
         if value % p.tp:
             _fail(cfg, key, f"{value} is not divisible by parallel.tp={p.tp}: every tensor-parallel rank needs "
@@ -287,6 +298,14 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         dp = world_size // (p.tp * p.pp)
         if dp * p.tp * p.pp != world_size:
             _fail(cfg, "parallel", f"tp*pp={p.tp * p.pp} does not divide the world size {world_size}")
+        accum = t.global_batch_size // (t.micro_batch_size * dp) if dp else 0
+        if (
+            p.micro_batches is not None
+            and t.global_batch_size % (t.micro_batch_size * dp) == 0
+            and (p.micro_batches != accum)
+        ):
+            msg = f"{p.micro_batches}, but global/(micro*dp) = {accum} micro-batches per step"
+            _fail(cfg, "parallel.micro_batches", f"{msg}; leave it unset or change train.global_batch_size")
         if t.global_batch_size % (t.micro_batch_size * dp):
             _fail(cfg, "train.global_batch_size",
                   f"{t.global_batch_size} is not a multiple of micro_batch_size*dp = "

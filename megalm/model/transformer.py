@@ -31,6 +31,7 @@ from megalm.parallel import (
     gather_from_sequence_region,
     gather_from_tp_region,
     normal_init,
+    pad_vocab_size,
     vocab_parallel_cross_entropy,
 )
 
@@ -109,8 +110,10 @@ class _Parallel:
     """What every layer needs to know about the layout: the state and whether sequence parallelism is on."""
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, sequence_parallel: bool):
+        check_tp(cfg, state.tp)
         self.cfg, self.state, self.sp = cfg, state, sequence_parallel
         self.sp_group = state.tp_group if sequence_parallel else None
+        self.padded_vocab = pad_vocab_size(cfg.vocab_size, state.tp, VOCAB_MULTIPLE)
 
     def dropout(self, x: torch.Tensor, p: float, training: bool, tp_local: bool) -> torch.Tensor:
         """Dropout; activations that differ across TP ranks (tp_local, or token-split by SP) use the TP stream."""
@@ -180,18 +183,94 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); (B, T, d) -> (B, T, d)."""
 
-    def __init__(self, cfg: ModelConfig, par: _Parallel):
+    def __init__(self, cfg: ModelConfig, par: _Parallel, init_seed: int | None = None):
         super().__init__()
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
         self.norm1 = Norm(cfg, par.sp_group)
         self.attn = Attention(cfg, par)
         self.norm2 = Norm(cfg, par.sp_group)
         self.mlp = MLP(cfg, par)
+        self.rope = cfg.family == "llama"
+        if self.rope:
+            cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rope = (self.rope_cos, self.rope_sin) if self.rope else None
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids (B, T) -> embeddings (B, T, d), or this rank's (B, T/tp, d) under sequence parallelism;
+    `logits` is the tied output head. Its only parameter is `wte.weight`, the one tied across pipeline stages."""
+
+    def __init__(self, cfg: ModelConfig, par: _Parallel, init_seed: int | None = None):
+        super().__init__()
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        self.cfg, self.par = cfg, par
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, state=par.state, pad_to_multiple=VOCAB_MULTIPLE,
+                                          sequence_parallel=par.sp, init_method=normal_init(cfg.init_std))  # fmt: skip
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        return self.wte(idx)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied head: this rank's vocabulary slice of the logits (B, T, V_padded/tp) from hidden states."""
+        group = self.par.state.tp_group
+        h = gather_from_sequence_region(x, group) if self.par.sp else copy_to_tp_region(x, group)  # (B, T, d)
+        return F.linear(h, self.wte.weight)
+
+
+class Positions(nn.Module):
+    """Adds learned positions (gpt2; llama's RoPE lives in the attention) and applies the embedding dropout."""
+
+    def __init__(self, cfg: ModelConfig, par: _Parallel, init_seed: int | None = None):
+        super().__init__()
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        self.cfg, self.par = cfg, par
+        self.wpe = None
+        if cfg.family == "gpt2":
+            self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model, _weight=torch.empty(cfg.seq_len, cfg.d_model))
+            nn.init.normal_(self.wpe.weight, 0.0, cfg.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wpe is not None:
+            state = self.par.state
+            T = x.shape[1] * (state.tp if self.par.sp else 1)
+            pos = self.wpe.weight[:T]  # (T, d)
+            if self.par.sp:  # this rank's tokens; the gradient is summed over the TP group
+                pos = copy_to_tp_region(pos, state.tp_group).chunk(state.tp)[state.tp_rank]
+            x = x + pos
+        return self.par.dropout(x, self.cfg.dropout, self.training, tp_local=False)
+
+
+class Head(nn.Module):
+    """Untied output head: hidden (B, T, d) -> this rank's vocabulary slice of the logits (B, T, V_padded/tp).
+
+    Drawn as (vocab, d) and zero-padded, so its initialisation does not depend on tp."""
+
+    def __init__(self, cfg: ModelConfig, par: _Parallel, init_seed: int | None = None):
+        super().__init__()
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        padded = par.padded_vocab
+        self.proj = ColumnParallelLinear(cfg.d_model, padded, bias=False, state=par.state, sequence_parallel=par.sp,
+                                         init_method=nn.init.zeros_)  # fmt: skip
+        master = torch.empty(cfg.vocab_size, cfg.d_model).normal_(0.0, cfg.init_std)
+        with torch.no_grad():
+            self.proj.weight.copy_(self.proj.shard(F.pad(master, (0, 0, 0, padded - cfg.vocab_size))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
@@ -202,71 +281,55 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
                               f"each tensor-parallel rank needs whole heads and equal MLP slices")  # fmt: skip
 
 
-class GPT(nn.Module):
-    """Token ids (B, T) -> logits (B, T, vocab), or the cross-entropy when targets are given."""
+def layer_seed(seed: int, index: int) -> int:
+    """Initialisation seed of layer `index` (tokens 0, positions 1, blocks 2..L+1, head L+3): the same in
+    every layout."""
+    return seed * 1000 + index
 
-    def __init__(self, cfg: ModelConfig, state: ParallelState | None = None, sequence_parallel: bool = False):
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> logits (B, T, vocab), or the cross-entropy when targets are given.
+
+    The same layers, seeded per layer with `layer_seed`, make the pipeline stages (megalm.model.pipeline), so a
+    model has one definition and the same initial weights in every (tp, pp) layout.
+    """
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState | None = None, sequence_parallel: bool = False,
+                 seed: int = 0):  # fmt: skip
         super().__init__()
         state = state or ParallelState.single()
-        check_tp(cfg, state.tp)
         self.cfg, self.state = cfg, state
         self.par = par = _Parallel(cfg, state, sequence_parallel and state.tp > 1)
-        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, state=state, pad_to_multiple=VOCAB_MULTIPLE,
-                                          sequence_parallel=par.sp, init_method=normal_init(cfg.init_std))  # fmt: skip
-        self.wpe = None
-        if cfg.family == "gpt2":
-            self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model, _weight=torch.empty(cfg.seq_len, cfg.d_model))
-            nn.init.normal_(self.wpe.weight, 0.0, cfg.init_std)
-        self.blocks = nn.ModuleList(Block(cfg, par) for _ in range(cfg.n_layer))
+        self.embed = TokenEmbedding(cfg, par, layer_seed(seed, 0))
+        self.pos = Positions(cfg, par, layer_seed(seed, 1))
+        self.blocks = nn.ModuleList(Block(cfg, par, layer_seed(seed, 2 + i)) for i in range(cfg.n_layer))
         self.norm_f = Norm(cfg, par.sp_group)
-        self.head = None if cfg.tied else self._untied_head()
-        if cfg.family == "llama":
-            cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.head = None if cfg.tied else Head(cfg, par, layer_seed(seed, cfg.n_layer + 3))
 
-    def _untied_head(self) -> ColumnParallelLinear:
-        """Vocab-parallel head over the padded vocabulary; drawn as (vocab, d) so init does not depend on tp."""
-        cfg, padded = self.cfg, self.wte.padded_vocab_size
-        head = ColumnParallelLinear(cfg.d_model, padded, bias=False, state=self.state, sequence_parallel=self.par.sp,
-                                    init_method=nn.init.zeros_)  # fmt: skip
-        master = torch.empty(cfg.vocab_size, cfg.d_model).normal_(0.0, cfg.init_std)
-        with torch.no_grad():
-            head.weight.copy_(head.shard(F.pad(master, (0, 0, 0, padded - cfg.vocab_size))))
-        return head
+    @property
+    def wte(self) -> VocabParallelEmbedding:
+        return self.embed.wte
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token (+ position) embeddings: (B, T, d), or this rank's (B, T/tp, d) under sequence parallelism."""
-        x = self.wte(idx)
-        if self.wpe is not None:
-            pos = self.wpe.weight[: idx.shape[1]]  # (T, d)
-            if self.par.sp:  # this rank's tokens; the gradient is summed over the TP group
-                pos = copy_to_tp_region(pos, self.state.tp_group).chunk(self.state.tp)[self.state.tp_rank]
-            x = x + pos
-        return self.par.dropout(x, self.cfg.dropout, self.training, tp_local=False)
-
-    def local_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's vocabulary slice of the logits (B, T, V_padded/tp) from the final hidden states."""
-        if self.head is not None:
-            return self.head(x)
-        group = self.state.tp_group
-        h = gather_from_sequence_region(x, group) if self.par.sp else copy_to_tp_region(x, group)  # (B, T, d)
-        return F.linear(h, self.wte.weight)
+    @property
+    def wpe(self) -> nn.Embedding | None:
+        return self.pos.wpe
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         """Logits (B, T, vocab_size) without targets; with targets the loss ("mean", or per token with "none")."""
-        T = idx.shape[1]
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len}")
-        rope = (self.rope_cos, self.rope_sin) if self.wpe is None else None
-        x = self.embed(idx)
+        x = self.pos(self.embed(idx))
         for block in self.blocks:
-            x = block(x, rope)
-        logits = self.local_logits(self.norm_f(x))  # (B, T, V_local)
+            x = block(x)
+        x = self.norm_f(x)
+        logits = self.embed.logits(x) if self.head is None else self.head(x)  # (B, T, V_local)
         if targets is None:
             return gather_from_tp_region(logits, self.state.tp_group)[..., : self.cfg.vocab_size]
-        return vocab_parallel_cross_entropy(logits, targets, self.state, vocab_size=self.cfg.vocab_size,
-                                            reduction=reduction)  # fmt: skip
+        return lm_loss(logits, targets, self.par, reduction)
+
+
+def lm_loss(local_logits: torch.Tensor, targets: torch.Tensor, par: _Parallel, reduction: str = "mean"):
+    """Vocab-parallel cross-entropy of this rank's logits slice; padding ids are never predicted."""
+    return vocab_parallel_cross_entropy(local_logits, targets, par.state, vocab_size=par.cfg.vocab_size,
+                                        reduction=reduction)  # fmt: skip
 
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:

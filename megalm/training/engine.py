@@ -36,7 +36,7 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if _own_clipping(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": p.dtype == "bf16"},
         "fp16": {
@@ -85,6 +85,48 @@ def init_deepspeed_comm() -> None:
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
+class PipelineClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips by the global gradient norm of a pipeline-parallel model itself.
+
+    DeepSpeed's fp32 pipeline path without ZeRO computes the norm per stage and counts parameters that are not
+    TP-sharded only on the first stage, so clipping would differ from the unsplit model; its ZeRO and bf16
+    optimizers get it right. Here: TP shards and this stage's own parameters are summed over the model-parallel
+    group (tp x pp), TP-replicated parameters count once (tp rank 0) and the copy of a tied weight on a later
+    stage (DeepSpeed marks it ds_pipe_replicated) not at all. Gradients are already data-parallel averaged.
+    """
+
+    def __init__(self, params, *, max_norm: float, state, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm, self.par_state = max_norm, state
+        self.last_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+                    continue
+                if getattr(p, "tensor_model_parallel", False) or self.par_state.tp_rank == 0:
+                    grads.append(p.grad)
+        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        torch.distributed.all_reduce(sq, group=self.par_state.mp_group)
+        norm = sq.sqrt().item()
+        self.last_grad_norm = norm
+        if self.max_norm > 0 and norm > self.max_norm:
+            scale = self.max_norm / (norm + 1e-6)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+        return super().step(closure)
+
+
+def _own_clipping(cfg: Config) -> bool:
+    """Whether megalm clips (fp32 pipeline without ZeRO) instead of DeepSpeed."""
+    return cfg.parallel.pp > 1 and cfg.zero.stage == 0 and cfg.precision.dtype == "fp32"
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, state):
     """Wrap `model` in a DeepSpeed engine with AdamW, the lr schedule and the generated config.
 
@@ -92,19 +134,19 @@ def build_engine(cfg: Config, model: torch.nn.Module, state):
     group only, and gradient clipping counts tensor-parallel shards once."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        eps=cfg.optim.eps,
-    )
+    groups = param_groups(model, cfg.optim.weight_decay)
+    adam = {"lr": cfg.optim.lr, "betas": cfg.optim.betas, "eps": cfg.optim.eps}
+    if _own_clipping(cfg):
+        optimizer = PipelineClippedAdamW(groups, max_norm=cfg.optim.grad_clip, state=state, **adam)
+    else:
+        optimizer = torch.optim.AdamW(groups, **adam)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.optim.lr)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, state.dp),
-        mpu=state,
+        mpu=None if cfg.parallel.pp > 1 else state,  # a PipelineModule brings its own grid (same rank order)
         dist_init_required=False,
     )
     return engine

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config
-from megalm.data.loader import Split, TrainBatches, eval_batches
+from megalm.data.loader import Split, TrainBatches, eval_batches, num_windows
 from megalm.training.metrics import MetricsWriter, flops_per_token, memory_bytes
 from megalm.training.signals import StopSignals
 
@@ -55,6 +55,11 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], d
     DeepSpeed reports the gradient norm itself except in plain fp32 without ZeRO; there it is measured here
     after the last backward, when the gradients are averaged over data-parallel ranks and not yet clipped.
     """
+    if hasattr(engine, "train_batch"):  # pipeline engine: it runs the 1F1B schedule over the micro-batches
+        loss = engine.train_batch(data_iter=iter(micro_batches))
+        norm = engine.get_global_grad_norm()
+        norm = getattr(engine.optimizer, "last_grad_norm", None) if norm is None else norm
+        return loss.item(), float(norm) if norm is not None else None
     total, own_norm = 0.0, None
     for i, (x, y) in enumerate(micro_batches):
         loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
@@ -77,11 +82,13 @@ def evaluate(engine, split: Split, cfg: Config, rank: int, dp: int, device: torc
     (rounded down to a multiple of dp: every rank must run the same number of forwards)."""
     engine.eval()
     # Every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively).
-    n_windows = (len(split.tokens) - 1) // cfg.model.seq_len
+    n_windows = num_windows(split, cfg.model.seq_len)
     limit = min(cfg.train.eval_iters * cfg.train.global_batch_size, n_windows) // dp * dp
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of window losses, windows)
     batches = eval_batches(split, seq_len=cfg.model.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                           dp_rank=rank, dp_size=dp, max_windows=limit)  # fmt: skip
+                           dp_rank=rank, dp_size=dp, max_windows=limit, on_error=cfg.data.on_error)  # fmt: skip
+    if hasattr(engine, "eval_batch"):
+        return _evaluate_pipeline(engine, list(batches), cfg, dp)
     for x, y in batches:
         losses = engine(x.to(device), y.to(device), reduction="none")  # (B, T)
         loss_sum[0] += losses.mean(dim=1).sum().double()
@@ -90,6 +97,15 @@ def evaluate(engine, split: Split, cfg: Config, rank: int, dp: int, device: torc
     engine.train()
     val_loss = (loss_sum[0] / loss_sum[1]).item()
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_windows": int(loss_sum[1])}
+
+
+def _evaluate_pipeline(engine, batches: list, cfg: Config, dp: int) -> dict:
+    """The pipeline engine's eval_batch: mean loss over full micro-batches, averaged over data-parallel ranks."""
+    full = [b for b in batches if b[0].shape[0] == cfg.train.micro_batch_size]  # its buffers have fixed shapes
+    loss = engine.eval_batch(iter(full), num_micro_batches=len(full)).item()
+    engine.train()
+    windows = len(full) * cfg.train.micro_batch_size * dp
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_windows": windows}
 
 
 class Progress:
@@ -152,7 +168,9 @@ class Trainer:
 
     def log_row(self, step: int, losses: list[float], seconds: float, tokens: int) -> dict[str, Any]:
         """One metrics row for the interval that ended at `step` (grad norm of its last step)."""
-        loss = _all_mean([sum(losses) / len(losses)], self.device)[0]
+        data = self.train.take_stats()  # this rank's wait for batches and bad samples skipped in the interval
+        loss, wait, skipped = _all_mean([sum(losses) / len(losses), data["data_wait_s"], data["skipped_samples"]],
+                                        self.device)  # fmt: skip
         tok_s = tokens / max(seconds, 1e-9)
         tflops = tok_s * self.flops_tok / 1e12 / dist.get_world_size()  # per device
         return {
@@ -165,6 +183,8 @@ class Trainer:
             "mfu": tflops / self.peak if self.peak else None,
             "mem_bytes": memory_bytes(),
             "consumed_tokens": self.state.consumed_tokens,
+            "data_wait_s": wait,  # mean over ranks
+            "skipped_samples": round(skipped * self.dp),  # summed over data-parallel ranks (tp/pp ranks read alike)
         }
 
     def emit(self, row: dict[str, Any], progress: Progress) -> None:
@@ -219,5 +239,6 @@ class Trainer:
                          f"ppl {result['val_ppl']:.2f} ({result['val_windows']} windows)")  # fmt: skip
 
     def close(self) -> None:
+        self.train.close()
         if self.writer is not None:
             self.writer.close()

@@ -115,35 +115,34 @@ def test_stop_signal_saves_a_checkpoint_and_exits_with_the_preemption_code(datas
     assert f"at step {step}" in again.stdout and f"done: step {step + 2}" in again.stdout
 
 
-TP_LAYOUTS = {
-    # name: (launcher, overrides); world size = tp * dp
-    "tp2": ("deepspeed", ["parallel.tp=2"]),
-    "tp2-dp2-zero1": ("torchrun4", ["parallel.tp=2", "zero.stage=1"]),
-    "tp2-dp2-zero2-sp": ("torchrun4", ["parallel.tp=2", "zero.stage=2", "parallel.sequence_parallel=true"]),
-}
+LAYOUTS = {
+    # name: (processes, overrides, the layout line it must print)
+    "tp2": (2, ["parallel.tp=2"], "tp 2 pp 1 dp 1"),
+    "tp2-dp2-zero1": (4, ["parallel.tp=2", "zero.stage=1"], "tp 2 pp 1 dp 2"),
+    "tp2-dp2-zero2-sp": (4, ["parallel.tp=2", "zero.stage=2", "parallel.sequence_parallel=true"], "tp 2 pp 1 dp 2"),
+    "pp2": (2, ["parallel.pp=2"], "tp 1 pp 2 dp 1"),
+    "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"], "tp 2 pp 2 dp 1"),
+    "pp2-dp2-zero1-recompute": (4, ["parallel.pp=2", "zero.stage=1", "parallel.activation_checkpoint_interval=1"],
+                                "tp 1 pp 2 dp 2"),
+}  # fmt: skip
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", sorted(TP_LAYOUTS))
-def test_tensor_parallel_layouts_match_one_process(one_process_losses, tmp_path, layout):
-    """tp=2 alone and with dp=2 under ZeRO 1/2 (and sequence parallelism) train like one process."""
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_parallel_layouts_match_one_process(one_process_losses, tmp_path, layout):
+    """Tensor, pipeline and data parallelism (ZeRO 1/2, sequence parallelism, recomputation) train like one process.
+
+    tp=2 runs under the deepspeed launcher (`deepspeed --num_gpus 2 ... parallel.tp=2`), the others under torchrun.
+    """
     config, reference = one_process_losses
-    launcher, overrides = TP_LAYOUTS[layout]
-    if launcher == "torchrun4":
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "4",
-            "--master_port",
-            str(free_port()),
-        ]
+    procs, overrides, line = LAYOUTS[layout]
+    if layout == "tp2":
+        cmd = _launcher_cmd("deepspeed")
     else:
-        cmd = _launcher_cmd(launcher)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+               "--master_port", str(free_port())]  # fmt: skip
     result = _ok(run_pretrain(config, f"train.run_dir={tmp_path / 'run'}", *overrides, launcher=cmd, timeout=600))
-    dp = 2 if launcher == "torchrun4" else 1
-    assert f"tp 2 pp 1 dp {dp}" in result.stdout
+    assert line in result.stdout
     losses = train_losses(tmp_path / "run")
     for step, loss in reference.items():
         assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, loss, losses[step])

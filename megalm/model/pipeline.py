@@ -1,0 +1,66 @@
+"""The model as a list of DeepSpeed LayerSpecs for the pipeline engine (parallel.pp > 1).
+
+The stages are built from the same layer classes as `GPT`, each seeded with `layer_seed(seed, index)`, so a model
+split into pipeline stages starts from exactly the weights of the unsplit model, in any (tp, pp) layout:
+
+    0 TokenEmbedding | 1 Positions | 2..L+1 Block | L+2 Norm | L+3 Head, or the tied TokenEmbedding.logits
+
+Tied models (gpt2) repeat the token embedding on the last stage as a TiedLayerSpec; DeepSpeed copies its weight
+from the first stage at start and sums the two stages' gradients of `wte.weight` every step.
+"""
+
+from __future__ import annotations
+
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from megalm.config import Config
+from megalm.model.transformer import Block, Head, Norm, Positions, TokenEmbedding, _Parallel, layer_seed, lm_loss
+from megalm.parallel import ParallelState
+
+
+def _tied_logits(embedding: TokenEmbedding, x):
+    return embedding.logits(x)
+
+
+class PipelineLoss:
+    """loss_fn(local_logits, labels) for the last stage: the vocab-parallel cross-entropy."""
+
+    def __init__(self, par: _Parallel):
+        self.par = par
+
+    def __call__(self, local_logits, labels):
+        return lm_loss(local_logits, labels, self.par)
+
+
+def layer_specs(par: _Parallel, seed: int) -> list[LayerSpec]:
+    """The model's layers in order, as specs that the pipeline engine builds on the stage owning them."""
+    cfg = par.cfg
+    L = cfg.n_layer
+    if cfg.tied:
+        first = TiedLayerSpec("embed", TokenEmbedding, cfg, par, layer_seed(seed, 0), tied_weight_attr="wte.weight")
+        last = TiedLayerSpec("embed", TokenEmbedding, cfg, par, layer_seed(seed, 0), forward_fn=_tied_logits,
+                             tied_weight_attr="wte.weight")  # fmt: skip
+    else:
+        first = LayerSpec(TokenEmbedding, cfg, par, layer_seed(seed, 0))
+        last = LayerSpec(Head, cfg, par, layer_seed(seed, L + 3))
+    blocks = [LayerSpec(Block, cfg, par, layer_seed(seed, 2 + i)) for i in range(L)]
+    return [
+        first,
+        LayerSpec(Positions, cfg, par, layer_seed(seed, 1)),
+        *blocks,
+        LayerSpec(Norm, cfg, par.sp_group),
+        last,
+    ]
+
+
+def build_pipeline(cfg: Config, state: ParallelState) -> PipelineModule:
+    """The PipelineModule for cfg.parallel.pp stages over `state`'s topology (tp fastest, then dp, then pp)."""
+    par = _Parallel(cfg.model, state, cfg.parallel.sequence_parallel and state.tp > 1)
+    return PipelineModule(
+        layers=layer_specs(par, cfg.train.seed),
+        loss_fn=PipelineLoss(par),
+        topology=state.topology(),
+        partition_method=cfg.parallel.partition,
+        activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
+        checkpointable_layers=["Block"],  # recompute Transformer blocks only (the embedding takes integer ids)
+    )

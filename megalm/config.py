@@ -165,7 +165,8 @@ class TrainConfig:
     seed: int = 1234
     """Seed of parameters init, data order and dropout."""
     resume: str = "auto"
-    """auto: continue from the newest checkpoint in checkpoint.dir if any; none: start fresh; or a path."""
+    """auto: the newest valid checkpoint in checkpoint.dir (damaged ones skipped with a warning; none: start
+    fresh); none: start fresh; or a checkpoint or checkpoint directory."""
     log_interval: int = 10
     """Steps between metrics.jsonl rows and progress lines."""
     eval_interval: int = 100

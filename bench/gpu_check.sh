@@ -12,7 +12,7 @@ OUT=${OUT:-bench/gpu_out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET
+export TRITON_INTERPRET=0  # tests/conftest.py turns the CPU interpreter on unless this says otherwise
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import yaml
 
 from launcher.env import device_for, init_distributed, node_map
+from launcher.watchdog import Heartbeat, explain, is_collective_failure
 from megalm.config import Config, load_config
 from megalm.data.loader import Blend, Split, TrainBatches, load_blend, load_split
 from megalm.errors import MegalmError
@@ -99,7 +100,7 @@ def train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     cfg.validate(info.world_size)
     init_deepspeed_comm()  # DeepSpeed adopts the process group (the pipeline module needs it to build)
     state = ParallelState(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
@@ -139,7 +140,13 @@ def train(args: argparse.Namespace) -> int:
         progress.message(f"saved checkpoint {path}")
 
     stop = StopSignals()
-    state = trainer.run(on_checkpoint, stop)
+    heartbeat = Heartbeat().start() if info.world_size > 1 else None
+    try:
+        state = trainer.run(on_checkpoint, stop)
+    except RuntimeError as e:  # a peer died or a collective timed out: say which rank stopped
+        if not is_collective_failure(e):
+            raise
+        raise explain(e, heartbeat) from None
     stop.restore()
     trainer.close()
     if state.preempted:

@@ -171,6 +171,8 @@ class TrainConfig:
     """Steps between metrics.jsonl rows and progress lines."""
     eval_interval: int = 100
     """Steps between evaluations on data.val (also after the last step); 0 disables."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait (a rank died or hangs) before the run fails, naming the rank that stopped."""
     eval_iters: int = 50
     """Evaluation reads the first eval_iters * global_batch_size windows of data.val (the same for any layout)."""
 

@@ -1,164 +1,45 @@
 """`megalm prepare`: text and jsonl files -> webdataset tar shards of token ids, plus a manifest per split.
 
-Pipeline: expand the inputs to a sorted file list -> read documents -> tokenize them into one temporary
-token file (each document followed by the tokenizer's end-of-text id, when it has one) -> cut the stream
-into train and val at int(n * (1 - val_fraction)) -> write each split as `shard-NNNNNN.tar` files of
-`sample_tokens`-token samples -> write manifest.json last. Shards and manifests are written to a temporary
-name and renamed, so a crash never leaves a manifest that describes missing or partial shards, and two runs
-on the same inputs write identical bytes.
+Pipeline: expand the inputs to a sorted file list -> read documents -> group them into batches (a function of
+the documents alone) -> clean and tokenize each batch, in N worker processes (--workers) or in this one ->
+take the results in input order, drop exact duplicates, append each document's tokens (then the tokenizer's
+end-of-text id, when it has one) to one temporary token file -> cut the stream into train and val at
+int(n * (1 - val_fraction)) -> write each split as `shard-NNNNNN.tar` files of `sample_tokens`-token samples
+-> write manifest.json last. Shards and manifests are written to a temporary name and renamed, so a crash
+never leaves a manifest that describes missing or partial shards, and runs on the same inputs write
+identical bytes whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import hashlib
+import io
 import json
+import multiprocessing
 import os
 import re
 import sys
+import tarfile
 import tempfile
 from array import array
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
-from megalm.data.corpus import BUILTIN_PREFIX, builtin_corpus_files
+from megalm.data.clean import CleanOptions, clean_text, doc_hash, summary
+from megalm.data.documents import SUFFIXES, ReadStats, batches, expand_inputs, iter_documents
+from megalm.data.shards import FORMAT
 from megalm.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from megalm.errors import MegalmError
 
-FORMAT = "megalm-shards/1"
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+__all__ = ["FORMAT", "add_prepare_args", "expand_inputs", "parse_count", "prepare", "run_prepare",
+           "write_json_atomic", "write_split_shards"]  # fmt: skip
 ON_ERROR_CHOICES = ("raise", "skip")
 SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
-BATCH_CHARS = 1 << 20  # tokenize documents in batches of about this many characters
-BATCH_DOCS = 1024
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-
-
-def _has_suffix(path: Path) -> bool:
-    """Whether `path` names a file type prepare reads."""
-    return path.name.endswith(SUFFIXES)
-
-
-def _expand_one(spec: str) -> list[Path]:
-    """Files of one --input: builtin:NAME, a file, a directory (recursive) or a glob."""
-    if spec.startswith(BUILTIN_PREFIX):
-        return builtin_corpus_files(spec)
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _has_suffix(p))
-        if not files:
-            raise MegalmError(f"input directory {spec} holds no {', '.join(SUFFIXES)} files")
-        return files
-    if path.is_file():
-        if not _has_suffix(path):
-            raise MegalmError(f"input {spec}: unsupported file type; prepare reads {', '.join(SUFFIXES)}")
-        return [path]
-    if glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if _has_suffix(Path(p)))
-        if not files:
-            raise MegalmError(f"input pattern {spec} matches no {', '.join(SUFFIXES)} files")
-        return files
-    raise MegalmError(f"input {spec} does not exist")
-
-
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """All input files, in the order given (directories and globs sorted)."""
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    if not inputs:
-        raise MegalmError("no inputs given: pass --input PATH [PATH ...]")
-    return [f for spec in inputs for f in _expand_one(str(spec))]
-
-
-# ------------------------------------------------------------------------------------------- documents
-
-
-@dataclass
-class ReadStats:
-    """Counts kept while reading documents."""
-
-    documents: int = 0
-    skipped: int = 0
-    first_skipped: list[str] = field(default_factory=list)
-
-
-def _open_text(path: Path) -> IO[str]:
-    """Open a (possibly gzipped) UTF-8 text file with universal newlines."""
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _jsonl_text(line: str, where: str, text_field: str) -> str:
-    """The `text_field` string of one jsonl line."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise MegalmError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict) or text_field not in record:
-        raise MegalmError(f"{where}: no field {text_field!r} (choose the field with --text-field)")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise MegalmError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
-    return text
-
-
-def _jsonl_documents(path: Path, f: IO[str], text_field: str, on_error: str, stats: ReadStats) -> Iterator[str]:
-    """Documents of one jsonl file; blank lines are ignored, bad lines raise or are counted and skipped."""
-    for lineno, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            yield _jsonl_text(line, f"{path}:{lineno}", text_field)
-        except MegalmError as e:
-            if on_error != "skip":
-                raise
-            stats.skipped += 1
-            if len(stats.first_skipped) < 5:
-                stats.first_skipped.append(str(e))
-
-
-def iter_documents(
-    files: Iterable[Path], text_field: str = "text", on_error: str = "raise", stats: ReadStats | None = None
-) -> Iterator[str]:
-    """Documents in input order: each .txt file is one, each jsonl line's `text_field` is one."""
-    stats = stats if stats is not None else ReadStats()
-    for path in files:
-        try:
-            with _open_text(path) as f:
-                if path.name.endswith((".jsonl", ".jsonl.gz")):
-                    docs: Iterable[str] = _jsonl_documents(path, f, text_field, on_error, stats)
-                else:
-                    docs = [f.read()]
-                for doc in docs:
-                    stats.documents += 1
-                    yield doc
-        except UnicodeDecodeError as e:
-            raise MegalmError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
-        except (OSError, EOFError) as e:
-            raise MegalmError(f"{path}: cannot read ({e})") from None
-
-
-def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
-    """Documents grouped into batches of about BATCH_CHARS characters or BATCH_DOCS documents."""
-    batch: list[str] = []
-    chars = 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 # -------------------------------------------------------------------------------------------- tokenize
@@ -174,13 +55,81 @@ def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 
 
-def _progress_bar(enabled: bool, desc: str):
-    """A tqdm bar on stderr when enabled and stderr is a terminal, else None."""
-    if not (enabled and sys.stderr.isatty()):
+@dataclass
+class BatchResult:
+    """One batch cleaned and tokenized: every kept document's tokens (eot appended) back to back."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray  # tokens of each kept document
+    hashes: list[bytes] | None  # exact-duplicate keys (with --dedup)
+    counts: dict[str, int]
+    documents: int  # documents in the batch before cleaning
+
+
+class BatchWork:
+    """Cleans and tokenizes batches of documents (in a worker process or in this one)."""
+
+    def __init__(self, tok: Tokenizer, clean: CleanOptions):
+        self.tok, self.clean, self.dtype = tok, clean, token_dtype(tok.vocab_size)
+
+    def __call__(self, docs: list[str]) -> BatchResult:
+        counts: Counter = Counter()
+        texts = [t for t in (clean_text(d, self.clean, counts) for d in docs) if t is not None]
+        ids = self.tok.encode_batch(texts) if texts else []
+        eot = [] if self.tok.eot_id is None else [self.tok.eot_id]
+        lengths = np.array([len(i) + len(eot) for i in ids], dtype=np.int64)
+        tokens = np.empty(int(lengths.sum()), dtype=self.dtype)
+        pos = 0
+        for doc_ids, n in zip(ids, lengths, strict=True):
+            tokens[pos : pos + n] = doc_ids + eot
+            pos += n
+        hashes = [doc_hash(t) for t in texts] if self.clean.dedup else None
+        return BatchResult(tokens, lengths, hashes, dict(counts), len(docs))
+
+
+_WORK: BatchWork | None = None  # a worker process's BatchWork
+
+
+def _init_worker(tok_spec: dict, clean: CleanOptions) -> None:
+    """Pool initializer: one tokenizer thread per worker (the workers are the parallelism)."""
+    global _WORK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORK = BatchWork(load_tokenizer(tok_spec), clean)
+
+
+def _run_batch(docs: list[str]) -> BatchResult:
+    assert _WORK is not None
+    return _WORK(docs)
+
+
+def _results(docs: Iterable[list[str]], work: BatchWork, workers: int) -> Iterator[BatchResult]:
+    """BatchResults in input order; with workers > 1, computed by a pool with at most 2 batches per worker queued."""
+    if workers <= 1:
+        yield from map(work, docs)
+        return
+    # spawn: a forked child could inherit a tokenizer's thread pool in a bad state
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (work.tok.spec(), work.clean)) as pool:
+        pending: deque = deque()
+        for batch in docs:
+            pending.append(pool.apply_async(_run_batch, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal (the progress bar shows only there)."""
+    return sys.stderr.isatty()
+
+
+def _progress_bar(enabled: bool, total_bytes: int):
+    """A tqdm bar on stderr (input MB, MB/s, ETA; docs and tokens as postfix) when enabled on a terminal."""
+    if not (enabled and stderr_is_terminal()):
         return None
     from tqdm import tqdm
 
-    return tqdm(desc=desc, unit=" docs", file=sys.stderr)
+    return tqdm(total=total_bytes, desc="prepare", unit="B", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
 
 
 @dataclass
@@ -189,37 +138,60 @@ class TokenStream:
 
     path: Path
     num_tokens: int
-    doc_starts: np.ndarray  # int64 offset of each document's first token
+    doc_starts: np.ndarray  # int64 offset of each kept document's first token
     stats: ReadStats
+    clean_counts: dict[str, int]
+
+
+def _keep_new(result: BatchResult, seen: set[bytes], counts: Counter) -> BatchResult:
+    """The result without documents seen before (first occurrence wins)."""
+    assert result.hashes is not None
+    keep = []
+    for h in result.hashes:
+        keep.append(h not in seen)
+        seen.add(h)
+    counts["duplicates"] += len(keep) - sum(keep)
+    if all(keep):
+        return result
+    ends = np.cumsum(result.lengths)
+    parts = [result.tokens[e - n : e] for e, n, k in zip(ends, result.lengths, keep, strict=True) if k]
+    tokens = np.concatenate(parts) if parts else result.tokens[:0]
+    return BatchResult(tokens, result.lengths[np.array(keep, dtype=bool)], None, result.counts, result.documents)
 
 
 def tokenize_to_file(
-    files: Sequence[Path], tok: Tokenizer, out: Path, *, text_field: str, on_error: str, progress: bool
-) -> TokenStream:
-    """Tokenize each document into `out` as raw little-endian ids, then eot if the tokenizer has one."""
-    dtype = token_dtype(tok.vocab_size)
-    stats, starts, n = ReadStats(), array("q"), 0
-    bar = _progress_bar(progress, "tokenizing")
+    files: Sequence[Path], tok: Tokenizer, out: Path, *, text_field: str, on_error: str, progress: bool,
+    workers: int = 1, clean: CleanOptions | None = None,
+) -> TokenStream:  # fmt: skip
+    """Clean and tokenize every document into `out` as raw little-endian ids (each then eot, if any)."""
+    clean = clean or CleanOptions()
+    stats, counts, starts, n, seen = ReadStats(), Counter(), array("q"), 0, set()
+    bar = _progress_bar(progress, sum(f.stat().st_size for f in files))
+    docs = batches(iter_documents(files, text_field, on_error, stats))
     with open(out, "wb") as f:
-        for batch in _batches(iter_documents(files, text_field, on_error, stats)):
-            for ids in tok.encode_batch(batch):
-                starts.append(n)
-                if tok.eot_id is not None:
-                    ids.append(tok.eot_id)
-                np.asarray(ids, dtype=dtype).tofile(f)
-                n += len(ids)
+        for result in _results(docs, BatchWork(tok, clean), workers):
+            counts.update(result.counts)
+            if clean.dedup:
+                result = _keep_new(result, seen, counts)
+            starts.extend((n + np.concatenate([[0], np.cumsum(result.lengths)[:-1]])).tolist())
+            result.tokens.tofile(f)
+            n += len(result.tokens)
             if bar is not None:
-                bar.set_postfix(tokens=f"{n:,}", refresh=False)
-                bar.update(len(batch))
+                bar.set_postfix(docs=f"{len(starts):,}", tokens=f"{n:,}", refresh=False)
+                bar.update(stats.bytes_done - bar.n)
     if bar is not None:
         bar.close()
-    return TokenStream(out, n, np.frombuffer(starts, dtype=np.int64), stats)
+    return TokenStream(out, n, np.frombuffer(starts, dtype=np.int64), stats, dict(counts))
 
 
-def make_tokenizer(name: str, files: Sequence[Path], *, text_field: str, on_error: str) -> Tokenizer:
-    """The tokenizer `name`; "char" is fitted on the characters of every document first."""
+def make_tokenizer(
+    name: str, files: Sequence[Path], *, text_field: str, on_error: str, clean: CleanOptions | None = None
+) -> Tokenizer:
+    """The tokenizer `name`; "char" is fitted on the characters of every (cleaned) document first."""
+    clean = clean or CleanOptions()
     if name == "char":
-        return CharTokenizer.fit(iter_documents(files, text_field, on_error))
+        cleaned = (clean_text(d, clean, Counter()) or "" for d in iter_documents(files, text_field, on_error))
+        return CharTokenizer.fit(cleaned)
     return load_tokenizer(name)
 
 
@@ -249,16 +221,19 @@ def _sha256_file(path: Path) -> str:
 
 
 def write_shard(path: Path, shard: int, samples: Sequence[np.ndarray], ext: str) -> dict:
-    """One tar shard (temp name, fsync, rename) of raw token samples; returns its manifest entry."""
-    import webdataset as wds
+    """One tar shard (temp name, fsync, rename) of raw token samples; returns its manifest entry.
 
+    The bytes are those webdataset's TarWriter writes (stream mode, mode 0o444), without importing it (and
+    torch with it). Fixed mtime, user and group: the same tokens always give the same bytes.
+    """
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        # Fixed mtime/user/group: the same tokens always give the same bytes.
-        writer = wds.TarWriter(f, user="megalm", group="megalm", mtime=0, encoder=False)
-        for index, sample in enumerate(samples):
-            writer.write({"__key__": f"{shard:06d}-{index:06d}", ext: sample.tobytes()})
-        writer.close()
+        with tarfile.open(fileobj=f, mode="w|") as tar:
+            for index, sample in enumerate(samples):
+                data = sample.tobytes()
+                info = tarfile.TarInfo(f"{shard:06d}-{index:06d}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "megalm", "megalm"
+                tar.addfile(info, io.BytesIO(data))
         f.flush()
         os.fsync(f.fileno())
     entry = {
@@ -266,6 +241,7 @@ def write_shard(path: Path, shard: int, samples: Sequence[np.ndarray], ext: str)
         "num_tokens": int(sum(len(s) for s in samples)),
         "num_samples": len(samples),
         "sha256": _sha256_file(tmp),
+        "bytes": tmp.stat().st_size,
     }
     os.replace(tmp, path)
     return entry
@@ -325,7 +301,7 @@ def _remove_stale(split_dir: Path, keep: set[str]) -> None:
 # --------------------------------------------------------------------------------------------- prepare
 
 
-def _check_args(val_fraction: float, sample_tokens: int, shard_tokens: int, on_error: str) -> None:
+def _check_args(val_fraction: float, sample_tokens: int, shard_tokens: int, on_error: str, workers: int) -> None:
     """Reject option values prepare cannot use."""
     if not 0 <= val_fraction < 1:
         raise MegalmError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -335,24 +311,19 @@ def _check_args(val_fraction: float, sample_tokens: int, shard_tokens: int, on_e
         raise MegalmError(f"shard_tokens ({shard_tokens}) must be at least sample_tokens ({sample_tokens})")
     if on_error not in ON_ERROR_CHOICES:
         raise MegalmError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+    if workers < 1:
+        raise MegalmError(f"workers must be at least 1, got {workers}")
 
 
 def _manifest(
-    split: str,
-    tok: Tokenizer,
-    stream: TokenStream,
-    start: int,
-    end: int,
-    *,
-    shards: list[dict],
-    sample_tokens: int,
-    sources: list[str],
-) -> dict:
+    split: str, tok: Tokenizer, stream: TokenStream, start: int, end: int, *,
+    shards: list[dict], sample_tokens: int, sources: list[str], clean: CleanOptions,
+) -> dict:  # fmt: skip
     """manifest.json contents of the split holding tokens [start, end) of the stream."""
     docs = stream.doc_starts  # a document belongs to the split its first token falls in
     first_doc = int(np.searchsorted(docs, start, side="left")) if start > 0 else 0
     last_doc = int(np.searchsorted(docs, end, side="left")) if end < stream.num_tokens else len(docs)
-    return {
+    manifest = {
         "format": FORMAT,
         "split": split,
         "tokenizer": tok.spec(),
@@ -366,11 +337,14 @@ def _manifest(
         "sources": sources,
         "skipped_lines": stream.stats.skipped,
     }
+    if clean.any:  # counts over the whole input, before the train/val cut
+        manifest["cleaning"] = {"options": asdict(clean), "counts": stream.clean_counts}
+    return manifest
 
 
 def _write_splits(
     stream: TokenStream, tok: Tokenizer, output: Path, files: Sequence[Path], *,
-    val_fraction: float, sample_tokens: int, shard_tokens: int,
+    val_fraction: float, sample_tokens: int, shard_tokens: int, clean: CleanOptions,
 ) -> dict:  # fmt: skip
     """Write every split's shards and manifest; {split: manifest}."""
     check_output(output)
@@ -380,23 +354,11 @@ def _write_splits(
     for split, start, end in split_ranges(stream.num_tokens, val_fraction):
         split_dir = output / split
         _clear_split_dir(split_dir)
-        shards = write_split_shards(
-            tokens[start:end],
-            split_dir,
-            sample_tokens=sample_tokens,
-            shard_tokens=shard_tokens,
-        )
+        shards = write_split_shards(tokens[start:end], split_dir, sample_tokens=sample_tokens,
+                                    shard_tokens=shard_tokens)  # fmt: skip
         _remove_stale(split_dir, {s["name"] for s in shards})
-        manifest = _manifest(
-            split,
-            tok,
-            stream,
-            start,
-            end,
-            shards=shards,
-            sample_tokens=sample_tokens,
-            sources=[str(f) for f in files],
-        )
+        manifest = _manifest(split, tok, stream, start, end, shards=shards, sample_tokens=sample_tokens,
+                             sources=[str(f) for f in files], clean=clean)  # fmt: skip
         write_json_atomic(split_dir / "manifest.json", manifest)
         manifests[split] = manifest
     del tokens
@@ -408,11 +370,14 @@ def _write_splits(
     return manifests
 
 
-def _warn_skipped(stats: ReadStats) -> None:
-    """Report skipped jsonl lines on stderr."""
+def _report(stream: TokenStream, clean: CleanOptions) -> None:
+    """Skipped jsonl lines and cleaning counts on stderr."""
+    stats = stream.stats
     if stats.skipped:
         shown = "; ".join(stats.first_skipped)
         print(f"megalm prepare: skipped {stats.skipped} bad jsonl lines (first: {shown})", file=sys.stderr)
+    if clean.any:
+        print(f"megalm prepare: cleaning: {summary(stream.clean_counts, clean)}", file=sys.stderr)
 
 
 def prepare(
@@ -426,34 +391,32 @@ def prepare(
     shard_tokens: int = 50_000_000,
     progress: bool = True,
     on_error: str = "raise",
+    workers: int = 1,
+    clean: CleanOptions | None = None,
 ) -> dict:
     """Tokenize `inputs` into OUTPUT/train (and OUTPUT/val) shards; returns {split: manifest}."""
-    _check_args(val_fraction, sample_tokens, shard_tokens, on_error)
+    clean = clean or CleanOptions()
+    _check_args(val_fraction, sample_tokens, shard_tokens, on_error, workers)
     files = expand_inputs(inputs)
     output = Path(output)
     check_output(output)
-    tok = make_tokenizer(tokenizer, files, text_field=text_field, on_error=on_error)
+    tok = make_tokenizer(tokenizer, files, text_field=text_field, on_error=on_error, clean=clean)
     output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob(".prepare-*.tokens.tmp"):  # left by a killed run
+        stale.unlink()
     fd, tmp_name = tempfile.mkstemp(prefix=".prepare-", suffix=".tokens.tmp", dir=output)
     os.close(fd)
     try:
-        stream = tokenize_to_file(
-            files, tok, Path(tmp_name), text_field=text_field, on_error=on_error, progress=progress
-        )
-        _warn_skipped(stream.stats)
+        stream = tokenize_to_file(files, tok, Path(tmp_name), text_field=text_field, on_error=on_error,
+                                  progress=progress, workers=workers, clean=clean)  # fmt: skip
+        _report(stream, clean)
         if stream.stats.documents == 0:
             raise MegalmError(f"no documents found in {', '.join(map(str, inputs))}")
         if stream.num_tokens == 0:
-            raise MegalmError(f"the {stream.stats.documents} documents in the inputs are all empty")
-        return _write_splits(
-            stream,
-            tok,
-            output,
-            files,
-            val_fraction=val_fraction,
-            sample_tokens=sample_tokens,
-            shard_tokens=shard_tokens,
-        )
+            dropped = f" ({summary(stream.clean_counts, clean)})" if clean.any else ""
+            raise MegalmError(f"no tokens left from the {stream.stats.documents} documents in the inputs{dropped}")
+        return _write_splits(stream, tok, output, files, val_fraction=val_fraction, sample_tokens=sample_tokens,
+                             shard_tokens=shard_tokens, clean=clean)  # fmt: skip
     finally:
         Path(tmp_name).unlink(missing_ok=True)
 
@@ -475,7 +438,8 @@ def parse_count(text: str) -> int:
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:
     """Options of `megalm prepare`."""
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--input",
         dest="inputs",
         nargs="+",
@@ -483,36 +447,28 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help=f"files ({', '.join(SUFFIXES)}), directories, globs, or builtin:shakespeare",
     )
-    parser.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        help="gpt2, bytes, char, or a Hugging Face tokenizer.json (default gpt2)",
-    )
-    parser.add_argument("--output", required=True, metavar="DIR", help="writes DIR/train and DIR/val")
-    parser.add_argument("--val-fraction", type=float, default=0.0, help="last fraction of tokens for val")
-    parser.add_argument("--text-field", default="text", help="jsonl field holding a document's text")
-    parser.add_argument("--sample-tokens", type=parse_count, default=4096, help="tokens per tar sample")
-    parser.add_argument("--shard-tokens", type=parse_count, default=50_000_000, help="tokens per shard (50M)")
-    parser.add_argument(
-        "--on-error",
-        choices=ON_ERROR_CHOICES,
-        default="raise",
-        help="bad jsonl lines: stop, or count and skip",
-    )
+    add("--tokenizer", default="gpt2", help="gpt2, bytes, char, or a Hugging Face tokenizer.json (default gpt2)")
+    add("--output", required=True, metavar="DIR", help="writes DIR/train and DIR/val")
+    add("--val-fraction", type=float, default=0.0, help="last fraction of tokens for val")
+    add("--text-field", default="text", help="jsonl field holding a document's text")
+    add("--sample-tokens", type=parse_count, default=4096, help="tokens per tar sample")
+    add("--shard-tokens", type=parse_count, default=50_000_000, help="tokens per shard (50M)")
+    add("--on-error", choices=ON_ERROR_CHOICES, default="raise", help="bad jsonl lines: stop, or count and skip")
+    add("--workers", type=int, default=1, metavar="N", help="tokenizer processes (output is the same for any N)")
+    add("--nfc", action="store_true", help="normalise text to Unicode NFC")
+    add("--min-chars", type=int, default=0, metavar="N", help="drop documents with fewer than N characters")
+    add("--dedup", action="store_true", help="drop exact duplicate documents (the first one stays)")
+    add("--redact-pii", action="store_true", help="replace e-mail addresses, phone numbers and IPv4 addresses "
+        "by <EMAIL>, <PHONE>, <IP>")  # fmt: skip
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Run `megalm prepare` from parsed arguments; prints one summary line per split."""
-    manifests = prepare(
-        args.inputs,
-        args.tokenizer,
-        args.output,
-        text_field=args.text_field,
-        val_fraction=args.val_fraction,
-        sample_tokens=args.sample_tokens,
-        shard_tokens=args.shard_tokens,
-        on_error=args.on_error,
-    )
+    clean = CleanOptions(nfc=args.nfc, min_chars=args.min_chars, dedup=args.dedup, redact_pii=args.redact_pii)
+    manifests = prepare(args.inputs, args.tokenizer, args.output, text_field=args.text_field,
+                        val_fraction=args.val_fraction, sample_tokens=args.sample_tokens,
+                        shard_tokens=args.shard_tokens, on_error=args.on_error, workers=args.workers,
+                        clean=clean)  # fmt: skip
     for split, m in manifests.items():
         print(
             f"{split}: {m['num_tokens']:,} tokens, {m['num_documents']:,} documents, "

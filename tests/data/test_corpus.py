@@ -33,7 +33,7 @@ def test_prepare_one_play_with_gpt2(tmp_path):
     manifests = prepare([str(hamlet)], "gpt2", tmp_path / "out", val_fraction=0.05, progress=False)
     tok = load_tokenizer("gpt2")
     want = tok.encode(hamlet.read_text(encoding="utf-8")) + [tok.eot_id]
-    got = np.concatenate([load_split(tmp_path / "out" / s).tokens for s in ("train", "val")])
+    got = np.concatenate([load_split(tmp_path / "out" / s).read_tokens() for s in ("train", "val")])
     np.testing.assert_array_equal(got, want)
     assert manifests["val"]["num_tokens"] == len(want) - int(len(want) * 0.95)
 

@@ -44,8 +44,8 @@ def test_txt_round_trip_many_shards(tmp_path, tokenizer):
     tok = load_tokenizer(tokenizer)
     want = expected_stream(tok, DOCS)
     split = load_split(tmp_path / "out" / "train")
-    assert split.tokens.dtype == np.uint16
-    np.testing.assert_array_equal(split.tokens, want)
+    assert split.read_tokens().dtype == np.uint16
+    np.testing.assert_array_equal(split.read_tokens(), want)
     m = manifests["train"]
     assert m == split.manifest and set(manifests) == {"train"}
     assert (m["num_tokens"], m["num_documents"], m["eot_id"], m["dtype"]) == (
@@ -89,7 +89,7 @@ def test_jsonl_gz_and_mixed_inputs(tmp_path):
         progress=False,
     )
     split = load_split(tmp_path / "out" / "train" / "manifest.json")
-    np.testing.assert_array_equal(split.tokens, expected_stream(load_tokenizer("gpt2"), DOCS))
+    np.testing.assert_array_equal(split.read_tokens(), expected_stream(load_tokenizer("gpt2"), DOCS))
     assert manifests["train"]["num_documents"] == 4
 
 
@@ -102,8 +102,8 @@ def test_val_split_matches_nanogpt_char(tmp_path):
     n = len(text)
     train_ids = [stoi[c] for c in text[: int(n * 0.9)]]
     val_ids = [stoi[c] for c in text[int(n * 0.9) :]]
-    np.testing.assert_array_equal(load_split(tmp_path / "out" / "train").tokens, train_ids)
-    np.testing.assert_array_equal(load_split(tmp_path / "out" / "val").tokens, val_ids)
+    np.testing.assert_array_equal(load_split(tmp_path / "out" / "train").read_tokens(), train_ids)
+    np.testing.assert_array_equal(load_split(tmp_path / "out" / "val").read_tokens(), val_ids)
     assert manifests["train"]["tokenizer"] == {"type": "char", "vocab": "".join(chars)}
     assert (manifests["train"]["eot_id"], manifests["train"]["num_documents"]) == (None, 1)
     assert manifests["val"]["num_documents"] == 0, "a document belongs to the split its first token is in"
@@ -114,8 +114,8 @@ def test_val_split_counts_documents(tmp_path):
     want = expected_stream(tok, DOCS)
     manifests = prepare([str(write_txt(tmp_path))], "bytes", tmp_path / "out", val_fraction=0.3, progress=False)
     boundary = int(len(want) * 0.7)
-    np.testing.assert_array_equal(load_split(tmp_path / "out" / "train").tokens, want[:boundary])
-    np.testing.assert_array_equal(load_split(tmp_path / "out" / "val").tokens, want[boundary:])
+    np.testing.assert_array_equal(load_split(tmp_path / "out" / "train").read_tokens(), want[:boundary])
+    np.testing.assert_array_equal(load_split(tmp_path / "out" / "val").read_tokens(), want[boundary:])
     starts = np.cumsum([0] + [len(tok.encode(d)) + 1 for d in DOCS[:-1]])
     n_train_docs = int((starts < boundary).sum())
     assert (manifests["train"]["num_documents"], manifests["val"]["num_documents"]) == (
@@ -160,19 +160,21 @@ def test_corrupt_missing_and_miscounted_shards(tmp_path):
     train = tmp_path / "out" / "train"
     shard = train / "shard-000001.tar"
     data = bytearray(shard.read_bytes())
-    data[600] ^= 0x01
+    data[600] ^= 0x01  # inside a sample's tokens: only the checksum sees it
     shard.write_bytes(bytes(data))
     with pytest.raises(MegalmError, match=r"shard-000001\.tar is corrupt: sha256"):
-        load_split(train)
+        load_split(train).verify()
     shard.unlink()
     with pytest.raises(MegalmError, match=r"shard-000001\.tar listed in the manifest is missing"):
         load_split(train)
     prepare([str(tmp_path / "txt")], "bytes", tmp_path / "out", sample_tokens=10, shard_tokens=50, progress=False)
     manifest = json.loads((train / "manifest.json").read_text())
-    manifest["shards"][2]["num_tokens"] += 1
+    manifest["shards"][2]["num_tokens"] -= 1
+    manifest["num_tokens"] -= 1
     (train / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(MegalmError, match=r"shard-000002\.tar holds 50 tokens in 5 samples, the manifest says 51"):
-        load_split(train)
+    with pytest.raises(MegalmError, match=r"shard-000002\.tar: member 000002-000004\.tokens\.u16 holds 20 bytes, "
+                                          r"expected 9 uint16 tokens"):  # fmt: skip
+        load_split(train).read_tokens()
     with pytest.raises(MegalmError, match="no manifest.json"):
         load_split(tmp_path / "txt")
 
@@ -236,8 +238,8 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
     manifests = prepare([str(tmp_path / "doc.txt")], str(tmp_path / "big.json"), tmp_path / "out", progress=False)
     assert manifests["train"]["dtype"] == "uint32"
     split = load_split(tmp_path / "out" / "train")
-    assert split.tokens.dtype == np.uint32
-    np.testing.assert_array_equal(split.tokens, [7, 70001, 72, 0, 1])
+    assert split.read_tokens().dtype == np.uint32
+    np.testing.assert_array_equal(split.read_tokens(), [7, 70001, 72, 0, 1])
 
 
 def test_parse_count_and_cli(tmp_path, capsys):

@@ -161,8 +161,16 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", rank=d.rank, world_size=d.world_size,
-                                timeout=timedelta(seconds=timeout_s))  # fmt: skip
+        try:
+            dist.init_process_group(backend, init_method="env://", rank=d.rank, world_size=d.world_size,
+                                    timeout=timedelta(seconds=timeout_s))  # fmt: skip
+        except (RuntimeError, ValueError) as e:  # DistNetworkError/DistStoreError: no master, or ranks missing
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise MegalmError(
+                f"rank {d.rank} of {d.world_size} could not join the process group at {d.master_addr}:"
+                f"{d.master_port} within {timeout_s:g} s ({first}); check that rank 0 runs there, that the "
+                f"address and port are reachable, and that all {d.world_size} ranks were started [{d.how}]"
+            ) from None
     return DistInfo(d.rank, d.world_size, d.local_rank, backend, d.how)
 
 

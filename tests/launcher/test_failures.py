@@ -51,3 +51,16 @@ def test_killing_a_rank_stops_the_other_with_its_name(dataset, tmp_path, victim)
     assert expected in err, err
     assert "Traceback" not in err
     print(f"survivor exited {took:.1f} s after the kill: {err.strip().splitlines()[-1]}")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_group_that_cannot_form_is_one_clear_error(dataset, tmp_path, rank):
+    """Rank 1 with no master listening, or rank 0 whose peer never comes: a clear error after the timeout."""
+    config = tiny_config(tmp_path, dataset, train={"collective_timeout_s": 5})
+    env = dict(subprocess_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))  # fmt: skip
+    cmd = [sys.executable, str(REPO / "launcher" / "pretrain.py"), "--config", str(config)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"rank {rank} of 2 could not join the process group at 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr

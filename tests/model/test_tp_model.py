@@ -17,7 +17,9 @@ CONFIGS = {
     "llama": dict(family="llama", n_layer=2, n_head=8, n_kv_head=4, d_model=64, vocab_size=97, seq_len=16),
 }
 STEPS = 20
-LR = 1e-2
+# At lr 1e-2 the tiny Llama's 20-step trajectory was chaotic for some initialisations: rounding-level differences
+# (1e-7) between layouts grew to 1.6e-4 in the loss. At 3e-3 every layout stays within 2.1e-7.
+LR = 3e-3
 LOSS_RTOL = 1e-5
 # Final weights: AdamW moves every weight by up to ~lr per step whatever the gradient's size, so rounding-level
 # gradient differences (e.g. the key bias, whose exact gradient is zero) become weight differences of a fraction

@@ -142,21 +142,21 @@ def train(args: argparse.Namespace) -> int:
     stop = StopSignals()
     heartbeat = Heartbeat().start() if info.world_size > 1 else None
     try:
-        state = trainer.run(on_checkpoint, stop)
+        result = trainer.run(on_checkpoint, stop)
     except RuntimeError as e:  # a peer died or a collective timed out: say which rank stopped
         if not is_collective_failure(e):
             raise
         raise explain(e, heartbeat) from None
     stop.restore()
     trainer.close()
-    if state.preempted:
+    if result.preempted:
         if info.rank == 0:
-            print(f"preempted at step {state.step}: exit code {PREEMPTED_EXIT_CODE} (run again to resume)", flush=True)
+            print(f"preempted at step {result.step}: exit code {PREEMPTED_EXIT_CODE} (run again to resume)", flush=True)
         return PREEMPTED_EXIT_CODE
     if info.rank == 0:
-        best = f"{state.best_val_loss:.4f}" if state.best_val_loss is not None else "n/a"
-        skipped = sum(r.get("skipped_samples", 0) for r in state.history)
-        print(f"done: step {state.step}, {state.consumed_tokens:,} tokens, best val_loss {best}, "
+        best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+        skipped = sum(r.get("skipped_samples", 0) for r in result.history)
+        print(f"done: step {result.step}, {result.consumed_tokens:,} tokens, best val_loss {best}, "
               f"{skipped} bad data samples skipped", flush=True)  # fmt: skip
         print(f"  metrics: {cfg.run_dir / 'metrics.jsonl'}\n  checkpoints: {cfg.checkpoint_dir}", flush=True)
     return 0

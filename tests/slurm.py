@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from tests.helpers import free_port
 
 CONF = """\
 ClusterName=megalmtest
@@ -42,12 +43,6 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _which(tool: str) -> str | None:
     return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/bin")
 
@@ -75,7 +70,7 @@ class SlurmCluster:
     def start(self) -> None:
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(CONF.format(root=self.root, cpus=self.cpus, ctld_port=_free_port(), d_port=_free_port()))
+        self.conf.write_text(CONF.format(root=self.root, cpus=self.cpus, ctld_port=free_port(), d_port=free_port()))
         self._start_munge()
         quiet = {"env": self.env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         self.procs.append(subprocess.Popen([_which("slurmctld"), "-D", "-f", str(self.conf)], **quiet))

@@ -10,10 +10,13 @@ Per source (one prepared split) and epoch e:
   1. chunks: runs of `chunk` consecutive samples inside a shard, in a random order fixed by (seed, source, e);
   2. read in that order the chunks are one sequence of S samples: lane l takes samples [l*q, (l+1)*q) with
      q = S // G, so each sample is read by one lane (the last S - q*G sit this epoch out: another set each epoch);
-  3. a lane's tokens are its samples' tokens in that order; its window w is tokens [w*T, w*T + T + 1);
-     every lane serves W windows per epoch (the shortest possible lane decides; longer lanes drop their tail);
-  4. windows come in blocks of B: block k (windows kB .. kB+B-1) is served in an order fixed by
-     (seed, source, e, lane, k). A lane holds one block in memory and reads its samples forward, once.
+  3. a lane's tokens are its samples' tokens in that order; its window w is tokens [o + w*T, o + w*T + T + 1),
+     where the offset o (0 <= o < T, fixed by (seed, source, e, lane)) moves the window grid every epoch, so
+     a later epoch does not cut the text at the same places; every lane serves W windows per epoch (the
+     shortest possible lane decides, less one window kept as room for the offset; longer lanes drop their tail);
+  4. windows come in blocks of B (at least BLOCK_TOKENS tokens): block k (windows kB .. kB+B-1) is served in an
+     order fixed by (seed, source, e, lane, k). A lane holds one block in memory and reads its samples forward,
+     once. The larger B, the less the windows of nearby steps share a passage of text.
 With several sources, step s gives each source a quota of the G lanes that keeps every source's total within
 one window of its weight, and a random (seed, s) choice of lanes takes each quota.
 """
@@ -28,8 +31,15 @@ import numpy as np
 from megalm.data.shards import BadSample, ShardCursor, Split
 from megalm.errors import MegalmError
 
-BLOCK_WINDOWS = 64  # windows per lane block: the shuffle buffer of a lane (B)
+BLOCK_WINDOWS = 64  # fewest windows per lane block: the shuffle buffer of a lane (B)
+BLOCK_TOKENS = 1 << 16  # fewest tokens per lane block (B = max(BLOCK_WINDOWS, BLOCK_TOKENS // T))
+OFFSET_MIN_WINDOWS = 8  # lanes with more windows than this give one up to shift the window grid each epoch
 CHUNKS_PER_LANE = 8  # a lane's samples come from about this many chunks per epoch (local shards)
+
+
+def block_windows(seq_len: int) -> int:
+    """Windows per lane block (B) for windows of seq_len tokens."""
+    return max(BLOCK_WINDOWS, BLOCK_TOKENS // seq_len)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -40,11 +50,10 @@ def _rng(*key: int) -> np.random.Generator:
 class SourcePlan:
     """Where each lane of one source reads in each epoch, computed from the manifest alone."""
 
-    def __init__(self, split: Split, *, index: int, lanes: int, seq_len: int, seed: int, block: int = BLOCK_WINDOWS):
+    def __init__(self, split: Split, *, index: int, lanes: int, seq_len: int, seed: int, block: int | None = None):
         """Check that every lane gets at least one window per epoch; pick the chunk size."""
-        self.split, self.index, self.lanes, self.seq_len, self.seed, self.block = (
-            split, index, lanes, seq_len, seed, block,
-        )  # fmt: skip
+        self.split, self.index, self.lanes, self.seq_len, self.seed = split, index, lanes, seq_len, seed
+        self.block = block or block_windows(seq_len)
         counts = np.array([s.num_samples for s in split.shards], dtype=np.int64)
         self.num_samples = int(counts.sum())
         self.q = self.num_samples // lanes
@@ -64,6 +73,9 @@ class SourcePlan:
                 f"samples, at least {self.min_lane_tokens} tokens, fewer than one window of seq_len+1 = "
                 f"{seq_len + 1}; use more data, a smaller global batch or a shorter seq_len"
             )
+        if self.windows > OFFSET_MIN_WINDOWS:  # keep T - 1 tokens of room to shift the window grid each epoch
+            self.windows = (self.min_lane_tokens - seq_len) // seq_len
+        self.max_offset = min(seq_len - 1, self.min_lane_tokens - 1 - self.windows * seq_len)
         streamed = any(not s.seekable for s in split.shards)
         local_chunk = min(int(counts.max()), max(1, math.ceil(self.q / CHUNKS_PER_LANE)))
         self.chunk = int(counts.max()) if streamed else local_chunk  # streams are read a whole shard at a time
@@ -86,6 +98,10 @@ class SourcePlan:
             cum = np.concatenate([[0], np.cumsum(self.chunk_count[order])])
             self._epoch_cache = (epoch, order, cum)
         return self._epoch_cache[1], self._epoch_cache[2]
+
+    def offset(self, epoch: int, lane: int) -> int:
+        """Where window 0 of a lane starts in its tokens this epoch (0 .. max_offset)."""
+        return int(_rng(self.seed, self.index, epoch, lane, 0x0FF5E7).integers(0, self.max_offset + 1))
 
     def lane_samples(self, epoch: int, lane: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard, sample index, token length) of each of the q samples lane `lane` reads in `epoch`, in order."""
@@ -185,7 +201,8 @@ class LaneReader:
         plan, t = self.plan, self.plan.seq_len
         (shard, index, _), starts = self._lane(epoch)
         nw = min(plan.block, plan.windows - k * plan.block)
-        a, b = k * plan.block * t, (k * plan.block + nw) * t + 1
+        o = plan.offset(epoch, self.lane)
+        a, b = o + k * plan.block * t, o + (k * plan.block + nw) * t + 1
         tokens = np.empty(b - a, dtype=plan.split.dtype)
         bad = np.zeros(nw, dtype=bool)
         p0, p1 = int(np.searchsorted(starts, a, "right")) - 1, int(np.searchsorted(starts, b, "left"))

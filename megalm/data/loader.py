@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megalm.data.lanes import BLOCK_WINDOWS, LaneReader, Mixer, SourcePlan, Stats
+from megalm.data.lanes import LaneReader, Mixer, SourcePlan, Stats
 from megalm.data.shards import FORMAT, BadSample, ShardCursor, Split, load_split
 from megalm.errors import MegalmError
 
 __all__ = ["FORMAT", "Blend", "Split", "TrainBatches", "eval_batches", "load_blend", "load_split", "num_windows"]
 Batch = tuple[torch.Tensor, torch.Tensor]
-STATE_VERSION = 2
+STATE_VERSION = 3
 ON_ERROR_CHOICES = ("raise", "skip")
 ITEM_BYTES = 1 << 20  # a worker sends about this many bytes of windows per item (up to 32 steps)
 
@@ -338,7 +338,7 @@ class TrainBatches:
             "seed": self.seed,
             "seq_len": self.seq_len,
             "global_batch_size": self.global_batch_size,
-            "block_windows": BLOCK_WINDOWS,
+            "block_windows": self.spec.plans[0].block,
             "sources": self._fingerprint(),
             "counters": self.mixer.counters.tolist(),
         }

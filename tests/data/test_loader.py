@@ -44,7 +44,8 @@ def test_shapes_labels_and_contiguous_windows(split):
             assert x.is_contiguous() and y.is_contiguous()
     assert loader.tokens_per_step == 6 * 8 and loader.global_batch_size == 6
     plan = loader.spec.plans[0]
-    assert (plan.q, plan.windows) == (85 // 6, (14 * 50 - 1) // 8)
+    assert (plan.q, plan.windows) == (85 // 6, (14 * 50 - 8) // 8), "one window kept as room for the offset"
+    assert plan.max_offset == 7 and plan.block == 65536 // 8
     assert loader.steps_per_epoch == plan.windows and plan.dropped_samples_per_epoch == 85 - 14 * 6
 
 

@@ -28,7 +28,7 @@ from megalm.model.pipeline import build_pipeline
 from megalm.model.transformer import GPT, param_count
 from megalm.parallel import ParallelState
 from megalm.training import checkpoint
-from megalm.training.engine import build_engine, init_deepspeed_comm
+from megalm.training.engine import build_engine, init_deepspeed_comm, zero_stage
 from megalm.training.loop import Trainer
 from megalm.training.metrics import peak_tflops
 from megalm.training.signals import PREEMPTED_EXIT_CODE, StopSignals
@@ -73,10 +73,12 @@ def prepare_run_dir(cfg: Config, rank: int) -> None:
 def describe(cfg: Config, info, state: ParallelState, nodes: str, train: TrainBatches, peak: tuple) -> str:
     grad_accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * state.dp)
     sp = ", sequence parallel" if cfg.parallel.sequence_parallel and state.tp > 1 else ""
+    stage = zero_stage(cfg)
+    zero = f"zero {stage}" if stage == cfg.zero.stage else f"zero {stage} (bf16 at zero.stage 0 runs as ZeRO-1)"
     m = cfg.model
     return (
         f"megalm: {info.world_size} process(es) [{info.discovered_by}], backend {info.backend}, "
-        f"tp {state.tp} pp {state.pp} dp {state.dp}{sp}, zero {cfg.zero.stage}, {cfg.precision.dtype}\n"
+        f"tp {state.tp} pp {state.pp} dp {state.dp}{sp}, {zero}, {cfg.precision.dtype}\n"
         f"nodes: {nodes}\n"
         f"model: {m.family}, {param_count(m)['total'] / 1e6:.2f}M parameters, {m.n_layer} layers, "
         f"d_model {m.d_model}, seq_len {m.seq_len}, attention {m.attention}\n"
@@ -116,8 +118,13 @@ def train(args: argparse.Namespace) -> int:
     if state.pp > 1:
         model = build_pipeline(cfg, state).to(device)  # the same layers, seeded per layer, split into stages
     else:
-        model = GPT(cfg.model, state, cfg.parallel.sequence_parallel, seed=cfg.train.seed).to(device)
+        p = cfg.parallel
+        model = GPT(cfg.model, state, p.sequence_parallel, seed=cfg.train.seed, recompute=p.recompute,
+                    recompute_interval=p.recompute_interval).to(device)  # fmt: skip
     state.seed(cfg.train.seed)  # dropout: the same default stream on TP ranks, a TP stream per rank
+    resume_path = checkpoint.resolve_resume(cfg.train.resume, cfg.checkpoint_dir)  # None: start fresh
+    if resume_path is None and cfg.train.init_from:
+        init_weights_from(cfg, model, state, info.rank)
     engine = build_engine(cfg, model, state)
 
     peak = peak_tflops(cfg.log.peak_tflops)
@@ -127,7 +134,7 @@ def train(args: argparse.Namespace) -> int:
     nodes = node_map()
     if info.rank == 0:
         print(describe(cfg, info, state, nodes, batches, peak), flush=True)
-    resume_from(cfg, trainer, info.rank)
+    resume_from(cfg, trainer, info.rank, resume_path)
 
     def on_checkpoint(progress) -> None:
         st = trainer.state
@@ -162,11 +169,28 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def resume_from(cfg: Config, trainer: Trainer, rank: int) -> None:
-    """Apply train.resume: load the newest valid checkpoint's weights, optimizer, schedule, loader and RNG states."""
-    path = checkpoint.resolve_resume(cfg.train.resume, cfg.checkpoint_dir)
+def init_weights_from(cfg: Config, model, state: ParallelState, rank: int) -> None:
+    """Apply train.init_from: this rank's slice of full weights saved in any layout; everything else starts fresh."""
+    from megalm.convert.consolidate import load_with_source
+    from megalm.convert.reshard import check_same_model, load_into
+
+    source_cfg, full, src = load_with_source(cfg.train.init_from)
+    check_same_model(source_cfg.model, cfg.model, str(src.path))
+    load_into(model, full, cfg.model.n_layer, pipeline=state.pp > 1)
+    if rank == 0:
+        step = f"step {src.step}, " if src.step is not None else ""
+        print(f"initialised weights from {src.path} ({step}{src.layout}) into tp {state.tp} pp {state.pp} "
+              f"dp {state.dp}: only the weights move; step, optimizer state, lr schedule and data loader start "
+              f"fresh", flush=True)  # fmt: skip
+
+
+def resume_from(cfg: Config, trainer: Trainer, rank: int, path: Path | None) -> None:
+    """Apply train.resume (`path`, resolved by checkpoint.resolve_resume): load the checkpoint's weights, optimizer,
+    schedule, loader and RNG states. It must have been saved in this run's layout (train.init_from otherwise)."""
     if path is None:
         return
+    par = trainer.par
+    checkpoint.check_layout(path, tp=par.tp, pp=par.pp, dp=par.dp)
     meta = checkpoint.load(trainer.engine, path, rng_tracker=trainer.par.rng)
     trainer.state.step = meta["step"]
     trainer.state.consumed_tokens = meta["consumed_tokens"]

@@ -91,7 +91,17 @@ class ParallelConfig:
     """How layers are split into pipeline stages: parameters (balance parameter counts), uniform, or
     type:Block (balance the Transformer blocks)."""
     activation_checkpoint_interval: int = 0
-    """Pipeline: recompute activations every this many layers in backward (0: keep them all)."""
+    """Full recomputation every this many Transformer blocks (0: recompute none, or every block with recompute=full)."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation recomputation in backward: none; full (whole blocks, every activation_checkpoint_interval); or
+    selective (only the attention core, whose (B, nh, T, T) scores dominate activation memory)."""
+
+    @property
+    def recompute_interval(self) -> int:
+        """Blocks per fully recomputed segment; 0 when blocks are not recomputed as a whole."""
+        if self.recompute == "full" or (self.recompute == "none" and self.activation_checkpoint_interval > 0):
+            return max(1, self.activation_checkpoint_interval)
+        return 0
 
 
 @dataclass
@@ -115,7 +125,7 @@ class PrecisionConfig:
     hysteresis: int = 2
     """fp16: overflows tolerated before the scale halves."""
     min_loss_scale: float = 1.0
-    """fp16: lowest dynamic loss scale."""
+    """fp16: lowest dynamic loss scale (a whole number >= 1, as DeepSpeed requires)."""
 
 
 @dataclass
@@ -167,6 +177,9 @@ class TrainConfig:
     resume: str = "auto"
     """auto: the newest valid checkpoint in checkpoint.dir (damaged ones skipped with a warning; none: start
     fresh); none: start fresh; or a checkpoint or checkpoint directory."""
+    init_from: str | None = None
+    """Start from these weights in this run's layout (a consolidated directory, or a checkpoint of any layout);
+    step, optimizer and data loader start fresh. A checkpoint that train.resume finds takes precedence."""
     log_interval: int = 10
     """Steps between metrics.jsonl rows and progress lines."""
     eval_interval: int = 100
@@ -192,7 +205,9 @@ class LogConfig:
     tensorboard: bool = True
     """Write TensorBoard scalars to <run_dir>/tensorboard when tensorboard is installed."""
     wandb: bool = False
-    """Log to Weights & Biases (reserved)."""
+    """Log the metrics rows to Weights & Biases (needs `pip install wandb`); offline unless an API key is set."""
+    wandb_project: str = "megalm"
+    """Weights & Biases project; the run is named after the config and resumes with the run directory."""
     peak_tflops: float | None = None
     """Peak FLOP/s (in TFLOP/s) per device that MFU divides by; None: looked up from the device name."""
     progress: Literal["auto", "bar", "lines"] = "auto"
@@ -277,6 +292,9 @@ def _validate(cfg: Config, world_size: int | None) -> None:
                                   "norm, head): use fewer stages")  # fmt: skip
     if p.activation_checkpoint_interval < 0:
         _fail(cfg, "parallel.activation_checkpoint_interval", "must be >= 0")
+    if p.recompute == "selective" and p.activation_checkpoint_interval > 0:
+        why = "selective recomputes the attention core only; parallel.activation_checkpoint_interval > 0 is full"
+        _fail(cfg, "parallel.recompute", f"{why} recomputation: set one of them")
     for key, value in (("model.n_head", m.n_head), ("model.n_kv_head", m.kv_heads), ("model.ffn_hidden", m.ffn_size)):
         if value % p.tp:
             _fail(cfg, key, f"{value} is not divisible by parallel.tp={p.tp}: every tensor-parallel rank needs "
@@ -289,6 +307,7 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         _fail(cfg, "zero.stage", f"must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     if cfg.zero.offload_optimizer == "cpu" and cfg.zero.stage == 0:
         _fail(cfg, "zero.offload_optimizer", "cpu offload needs zero.stage >= 1")
+    _validate_precision(cfg)
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         _fail(cfg, "optim.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={o.lr} min_lr={o.min_lr}")
@@ -313,6 +332,20 @@ def _validate(cfg: Config, world_size: int | None) -> None:
             _fail(cfg, "train.global_batch_size",
                   f"{t.global_batch_size} is not a multiple of micro_batch_size*dp = "
                   f"{t.micro_batch_size}*{dp}; change one of them or the number of processes")  # fmt: skip
+
+
+def _validate_precision(cfg: Config) -> None:
+    """The fp16 loss-scale keys, in the ranges DeepSpeed's dynamic loss scaler accepts."""
+    pr = cfg.precision
+    if pr.loss_scale < 0:
+        _fail(cfg, "precision.loss_scale", f"must be >= 0 (0: dynamic loss scaling), got {pr.loss_scale}")
+    if not 0 <= pr.initial_scale_power <= 63:
+        _fail(cfg, "precision.initial_scale_power", f"must be in 0..63 (scale 2**power), got {pr.initial_scale_power}")
+    for key, value in (("loss_scale_window", pr.loss_scale_window), ("hysteresis", pr.hysteresis)):
+        if value < 1:
+            _fail(cfg, f"precision.{key}", f"must be >= 1, got {value}")
+    if pr.min_loss_scale < 1 or not float(pr.min_loss_scale).is_integer():
+        _fail(cfg, "precision.min_loss_scale", f"must be a whole number >= 1 (DeepSpeed), got {pr.min_loss_scale}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -79,6 +79,17 @@ def test_deepspeed_config_is_generated_and_expert_block_merged(tmp_path):
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
 
 
+@pytest.mark.parametrize(
+    "dtype,stage,pp,given",
+    [("bf16", 0, 1, 1), ("bf16", 0, 2, 0), ("bf16", 2, 1, 2), ("fp32", 0, 1, 0), ("fp16", 0, 1, 0)],
+)
+def test_bf16_at_zero0_without_pipeline_runs_as_zero1(dtype, stage, pp, given):
+    """DeepSpeed's ZeRO-0 bf16 path accumulates gradients in bf16 (FP16_UnfusedOptimizer); ZeRO-1 does not."""
+    cfg = load_config(None, [f"precision.dtype={dtype}", f"zero.stage={stage}", f"parallel.pp={pp}",
+                             "model.n_layer=2"])  # fmt: skip
+    assert deepspeed_config(cfg, dp=1)["zero_optimization"]["stage"] == given
+
+
 def test_lr_schedule_warmup_cosine_floor():
     cfg = Config()
     cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps = 1.0, 0.1, 10, 110

@@ -14,7 +14,17 @@ from __future__ import annotations
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from megalm.config import Config
-from megalm.model.transformer import Block, Head, Norm, Positions, TokenEmbedding, _Parallel, layer_seed, lm_loss
+from megalm.model.transformer import (
+    Block,
+    Head,
+    Norm,
+    Positions,
+    TokenEmbedding,
+    _Parallel,
+    layer_seed,
+    lm_loss,
+    recompute_in_backward,
+)
 from megalm.parallel import ParallelState
 
 
@@ -30,6 +40,17 @@ class PipelineLoss:
 
     def __call__(self, local_logits, labels):
         return lm_loss(local_logits, labels, self.par)
+
+
+class RecomputeSegment:
+    """The pipeline's activation_checkpoint_func: torch's non-reentrant checkpoint, replaying dropout masks of the
+    default generators and of the TP stream (DeepSpeed's own checkpoint does not know megalm's RNG tracker)."""
+
+    def __init__(self, state: ParallelState):
+        self.state = state
+
+    def __call__(self, fn, *inputs):
+        return recompute_in_backward(fn, *inputs, rng=self.state.rng)
 
 
 def layer_specs(par: _Parallel, seed: int) -> list[LayerSpec]:
@@ -55,12 +76,13 @@ def layer_specs(par: _Parallel, seed: int) -> list[LayerSpec]:
 
 def build_pipeline(cfg: Config, state: ParallelState) -> PipelineModule:
     """The PipelineModule for cfg.parallel.pp stages over `state`'s topology (tp fastest, then dp, then pp)."""
-    par = _Parallel(cfg.model, state, cfg.parallel.sequence_parallel and state.tp > 1)
+    par = _Parallel(cfg.model, state, cfg.parallel.sequence_parallel and state.tp > 1, cfg.parallel.recompute)
     return PipelineModule(
         layers=layer_specs(par, cfg.train.seed),
         loss_fn=PipelineLoss(par),
         topology=state.topology(),
         partition_method=cfg.parallel.partition,
-        activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
+        activation_checkpoint_interval=cfg.parallel.recompute_interval,  # recompute=full, or the interval alone
+        activation_checkpoint_func=RecomputeSegment(state),
         checkpointable_layers=["Block"],  # recompute Transformer blocks only (the embedding takes integer ids)
     )

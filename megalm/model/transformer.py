@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
@@ -106,12 +107,86 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str,
     return probs @ v
 
 
-class _Parallel:
-    """What every layer needs to know about the layout: the state and whether sequence parallelism is on."""
+# ------------------------------------------------------------------------------------------ KV cache (inference)
 
-    def __init__(self, cfg: ModelConfig, state: ParallelState, sequence_parallel: bool):
+
+class LayerKVCache:
+    """Keys and values of one attention layer for the tokens seen so far, in buffers of `max_len` positions
+    allocated on first use; `length` is how many positions are filled (the position of the next token)."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k: torch.Tensor | None = None  # (B, nkv_local, max_len, hd)
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (B, nkv, T, hd) at positions length..length+T-1; returns all keys/values (B, nkv, S, hd)."""
+        B, nkv, T, hd = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise MegalmError(f"KV cache full: {end} positions needed, {self.max_len} allocated (model.seq_len)")
+        if self.k is None:
+            self.k = k.new_empty(B, nkv, self.max_len, hd)
+            self.v = v.new_empty(B, nkv, self.max_len, hd)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One LayerKVCache per block: pass it to GPT.forward_cached, which appends the new tokens' keys/values."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.layers = [LayerKVCache(max_len) for _ in range(n_layer)]
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (every layer holds the same number)."""
+        return self.layers[0].length
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last T positions q (B, nh, T, hd) over all S cached positions k/v (B, nkv, S, hd):
+    query i sits at position S-T+i and sees keys 0..S-T+i. Returns (B, nh, T, hd)."""
+    T, S = q.shape[2], k.shape[2]
+    visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def recompute_in_backward(fn, *args, rng=None):
+    """fn(*args) without keeping its activations: torch's non-reentrant checkpoint runs it again in backward.
+
+    Dropout draws the same masks in the recompute: torch restores the default generators (inside a TP fork that
+    is the TP stream's state), and for `rng` (an RNGTracker that fn itself forks, as whole blocks do) the stream is
+    rewound to its state before the forward for the recompute and put back afterwards."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    before = rng.state_dict() if rng is not None else None
+    calls = 0
+
+    def run(*inputs):
+        nonlocal calls
+        calls += 1
+        if calls == 1 or before is None:
+            return fn(*inputs)
+        now = rng.state_dict()
+        rng.load_state_dict(before)
+        try:
+            return fn(*inputs)
+        finally:
+            rng.load_state_dict(now)
+
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+class _Parallel:
+    """What every layer needs to know about the layout: the state, whether sequence parallelism is on, and
+    `recompute` (parallel.recompute: "selective" recomputes the attention core in backward)."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, sequence_parallel: bool, recompute: str = "none"):
         check_tp(cfg, state.tp)
-        self.cfg, self.state, self.sp = cfg, state, sequence_parallel
+        self.cfg, self.state, self.sp, self.recompute = cfg, state, sequence_parallel, recompute
         self.sp_group = state.tp_group if sequence_parallel else None
         self.padded_vocab = pad_vocab_size(cfg.vocab_size, state.tp, VOCAB_MULTIPLE)
 
@@ -150,11 +225,33 @@ class Attention(nn.Module):
         p = cfg.dropout if self.training else 0.0
         if p > 0 and par.state.tp > 1:
             with par.state.rng.fork():  # the probabilities of this rank's heads
-                y = attention_core(q, k, v, cfg.attention, p)
+                y = self._core(q, k, v, p)
         else:
-            y = attention_core(q, k, v, cfg.attention, p)  # (B, nh_local, T, hd)
+            y = self._core(q, k, v, p)  # (B, nh_local, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh_local*hd)
         return par.dropout(self.proj(y), p, self.training, tp_local=False)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+        """attention_core; under selective recomputation its (B, nh, T, T) intermediates are not kept but
+        recomputed in backward (called inside the TP fork, so the dropout mask repeats)."""
+        if self.par.recompute == "selective":
+            return recompute_in_backward(attention_core, q, k, v, self.par.cfg.attention, p)
+        return attention_core(q, k, v, self.par.cfg.attention, p)
+
+    def forward_cached(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                       cache: LayerKVCache) -> torch.Tensor:  # fmt: skip
+        """Inference (no dropout, no sequence parallelism): attend from new tokens x (B, T, d) over the cached
+        keys/values and these, appending these to `cache`. `rope` tables start at the first new position."""
+        q, k, v = self.qkv(x).split(self.qkv.local_partition_sizes, dim=-1)
+        B, T = q.shape[:2]
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh_local, T, hd)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv_local, T, hd)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv_local, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.append(k, v)  # (B, nkv_local, S, hd), S = cached + T
+        y = cached_attention(q, k, v).transpose(1, 2).reshape(B, T, -1)  # (B, T, nh_local*hd)
+        return self.proj(y)
 
 
 class MLP(nn.Module):
@@ -202,6 +299,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rope = (self.rope_cos, self.rope_sin) if self.rope else None
         x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
+        """Inference on new tokens x (B, T, d) after the cached ones; RoPE angles start at the cache's length."""
+        start = cache.length
+        rope = (self.rope_cos[start:], self.rope_sin[start:]) if self.rope else None
+        x = x + self.attn.forward_cached(self.norm1(x), rope, cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -291,15 +395,17 @@ class GPT(nn.Module):
     """Token ids (B, T) -> logits (B, T, vocab), or the cross-entropy when targets are given.
 
     The same layers, seeded per layer with `layer_seed`, make the pipeline stages (megalm.model.pipeline), so a
-    model has one definition and the same initial weights in every (tp, pp) layout.
+    model has one definition and the same initial weights in every (tp, pp) layout. `recompute` is
+    parallel.recompute ("selective": the attention core); `recompute_interval` > 0 recomputes whole blocks in
+    segments of that many (full recomputation).
     """
 
     def __init__(self, cfg: ModelConfig, state: ParallelState | None = None, sequence_parallel: bool = False,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, recompute: str = "none", recompute_interval: int = 0):  # fmt: skip
         super().__init__()
         state = state or ParallelState.single()
-        self.cfg, self.state = cfg, state
-        self.par = par = _Parallel(cfg, state, sequence_parallel and state.tp > 1)
+        self.cfg, self.state, self.recompute_interval = cfg, state, recompute_interval
+        self.par = par = _Parallel(cfg, state, sequence_parallel and state.tp > 1, recompute)
         self.embed = TokenEmbedding(cfg, par, layer_seed(seed, 0))
         self.pos = Positions(cfg, par, layer_seed(seed, 1))
         self.blocks = nn.ModuleList(Block(cfg, par, layer_seed(seed, 2 + i)) for i in range(cfg.n_layer))
@@ -317,13 +423,48 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         """Logits (B, T, vocab_size) without targets; with targets the loss ("mean", or per token with "none")."""
         x = self.pos(self.embed(idx))
-        for block in self.blocks:
-            x = block(x)
+        k = self.recompute_interval
+        if k > 0 and self.training:
+            for i in range(0, len(self.blocks), k):
+                x = recompute_in_backward(self._run_blocks(i, i + k), x, rng=self.state.rng)
+        else:
+            for block in self.blocks:
+                x = block(x)
         x = self.norm_f(x)
         logits = self.embed.logits(x) if self.head is None else self.head(x)  # (B, T, V_local)
         if targets is None:
             return gather_from_tp_region(logits, self.state.tp_group)[..., : self.cfg.vocab_size]
         return lm_loss(logits, targets, self.par, reduction)
+
+    def _run_blocks(self, start: int, end: int):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks[start:end]:
+                x = block(x)
+            return x
+
+        return run
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for forward_cached, holding up to model.seq_len positions."""
+        return KVCache(self.cfg.n_layer, self.cfg.seq_len)
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Inference: logits (B, T, vocab_size) of new tokens idx (B, T) that follow the `cache.length` cached
+        ones, whose keys/values are appended to `cache`. Matches forward() on the whole sequence (eval mode)."""
+        if self.par.sp:
+            raise MegalmError("cached decoding does not support sequence parallelism; load the model without it")
+        start, T = cache.length, idx.shape[1]
+        if start + T > self.cfg.seq_len:
+            raise MegalmError(f"{start + T} positions exceed the model's context of model.seq_len={self.cfg.seq_len}")
+        x = self.embed.wte(idx)  # (B, T, d)
+        if self.wpe is not None:  # learned positions start at the cache's length
+            x = x + self.wpe.weight[start : start + T]
+        for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
+            x = block.forward_cached(x, layer_cache)
+        x = self.norm_f(x)
+        logits = self.embed.logits(x) if self.head is None else self.head(x)  # (B, T, V_local)
+        return gather_from_tp_region(logits, self.state.tp_group)[..., : self.cfg.vocab_size]
 
 
 def lm_loss(local_logits: torch.Tensor, targets: torch.Tensor, par: _Parallel, reduction: str = "mean"):

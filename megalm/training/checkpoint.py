@@ -477,6 +477,46 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
                       f"above); move them away, or set train.resume=none to start over")  # fmt: skip
 
 
+_LAYER_FILE_RE = re.compile(r"^layer_\d+-model_(\d+)-model_states\.pt$")
+_MODEL_FILE_RE = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")
+_ZERO_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
+
+
+def saved_layout(path: Path) -> dict[str, Any]:
+    """{"tp", "pp", "dp", "sharded"} of checkpoint `path`, read from its manifest's file names and world size.
+
+    DeepSpeed writes one model file per model-parallel rank (tp x pp: mp_rank_XX), per-layer files per TP rank at
+    pp > 1 (layer_II-model_TT), and optimizer shards per data-parallel rank under ZeRO or bf16 ("sharded")."""
+    manifest = read_manifest(path)
+    names = list(manifest["files"])
+    layer_tp = {int(m.group(1)) for n in names if (m := _LAYER_FILE_RE.match(n))}
+    mp = {int(m.group(1)) for n in names if (m := _MODEL_FILE_RE.match(n))}
+    tp = max(layer_tp) + 1 if layer_tp else max(len(mp), 1)
+    pp = max(len(mp) // tp, 1) if layer_tp else 1
+    dp = max(int(manifest["world_size"]) // (tp * pp), 1)
+    return {"tp": tp, "pp": pp, "dp": dp, "sharded": any(_ZERO_OPTIM_RE.match(n) for n in names)}
+
+
+def check_layout(path: Path, *, tp: int, pp: int, dp: int) -> None:
+    """Collective: MegalmError unless checkpoint `path` can be resumed exactly at this (tp, pp, dp) layout.
+
+    A different dp is allowed when the optimizer state is not sharded across data-parallel ranks (ZeRO 0, fp32)."""
+
+    def check():
+        saved = saved_layout(path)
+        if (saved["tp"], saved["pp"]) == (tp, pp) and (saved["dp"] == dp or not saved["sharded"]):
+            return
+        raise MegalmError(
+            f"checkpoint {path} was saved at tp {saved['tp']} pp {saved['pp']} dp {saved['dp']}, but this run is "
+            f"tp {tp} pp {pp} dp {dp}: train.resume continues a run only in its own layout (its optimizer state "
+            f"is split that way). To continue from its weights in this layout, set train.init_from={path} and "
+            f"give the run a new checkpoint.dir (or train.resume=none); the optimizer, step and data loader then "
+            f"start fresh. `megalm convert consolidate` writes the weights in a layout-free form"
+        )
+
+    _on_rank0(check)
+
+
 def load(engine, path: Path, rng_tracker=None) -> dict[str, Any]:
     """Collective: load checkpoint `path` (verified by resolve_resume) into `engine`; restore this rank's RNG states.
 

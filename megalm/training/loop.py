@@ -13,7 +13,14 @@ import torch.distributed as dist
 
 from megalm.config import Config
 from megalm.data.loader import Split, TrainBatches, eval_batches, num_windows
-from megalm.training.metrics import MetricsWriter, flops_per_token, memory_bytes
+from megalm.training.metrics import (
+    MetricsWriter,
+    check_log_backends,
+    flops_per_token,
+    memory_bytes,
+    precision_scalars,
+    throughput,
+)
 from megalm.training.signals import StopSignals
 
 
@@ -162,29 +169,30 @@ class Trainer:
         self.n_params = ctx["n_params"]
         self.peak = ctx["peak_tflops"]
         self.state = LoopState()
-        self.writer = MetricsWriter(cfg.run_dir, cfg.log.tensorboard) if self.rank == 0 else None
+        check_log_backends(cfg)  # every rank fails alike, before the first step
+        self.writer = MetricsWriter.from_config(cfg) if self.rank == 0 else None
+        self.data_wait_s = 0.0  # this rank's seconds in train.next_step() since the last metrics row
         self.flops_tok = flops_per_token(cfg.model, self.n_params)
         self.last_grad_norm: float | None = None
 
     def log_row(self, step: int, losses: list[float], seconds: float, tokens: int) -> dict[str, Any]:
         """One metrics row for the interval that ended at `step` (grad norm of its last step)."""
-        data = self.train.take_stats()  # this rank's wait for batches and bad samples skipped in the interval
-        loss, wait, skipped = _all_mean([sum(losses) / len(losses), data["data_wait_s"], data["skipped_samples"]],
+        data = self.train.take_stats()  # bad samples this rank skipped in the interval
+        wait_per_step = self.data_wait_s / len(losses)
+        self.data_wait_s = 0.0
+        loss, wait, skipped = _all_mean([sum(losses) / len(losses), wait_per_step, data["skipped_samples"]],
                                         self.device)  # fmt: skip
-        tok_s = tokens / max(seconds, 1e-9)
-        tflops = tok_s * self.flops_tok / 1e12 / dist.get_world_size()  # per device
         return {
             "step": step,
             "loss": loss,
             "lr": self.engine.get_lr()[0],
             "grad_norm": self.last_grad_norm,
-            "tokens_per_s": tok_s,
-            "tflops": tflops,
-            "mfu": tflops / self.peak if self.peak else None,
+            **throughput(tokens, seconds, self.flops_tok, dist.get_world_size(), self.peak),
             "mem_bytes": memory_bytes(),
             "consumed_tokens": self.state.consumed_tokens,
-            "data_wait_s": wait,  # mean over ranks
+            "data_wait_s": wait,  # seconds per step waiting for the next batch, mean over the interval and ranks
             "skipped_samples": round(skipped * self.dp),  # summed over data-parallel ranks (tp/pp ranks read alike)
+            **precision_scalars(self.engine),  # skipped_steps; loss_scale with fp16 only
         }
 
     def emit(self, row: dict[str, Any], progress: Progress) -> None:
@@ -203,7 +211,9 @@ class Trainer:
         losses: list[float] = []
         t_last, tok_last = time.perf_counter(), st.consumed_tokens
         while st.step < cfg.train.max_steps:
+            t_data = time.perf_counter()
             micro_batches = self.train.next_step()
+            self.data_wait_s += time.perf_counter() - t_data
             loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.device, self.par.tp_group)
             losses.append(loss)
             st.step += 1

@@ -1,89 +1,104 @@
-"""`megalm` console script: prepare shards, train, show the config."""
+"""`megalm` console script: prepare, train, slurm, check-parity, plot, convert, eval, generate."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from megalm.errors import MegalmError
 
+# name -> (module, function adding its arguments, function running it, help). Only the module of the command
+# given is imported: `megalm plot` or `megalm eval` start without importing DeepSpeed (seconds sooner, and none of
+# its logging on stdout, where `generate` streams its text).
+COMMANDS = {
+    "prepare": (
+        "megalm.data.prepare",
+        "add_prepare_args",
+        "run_prepare",
+        "turn .txt/.jsonl(.gz) files into token shards",
+    ),
+    "train": (
+        "launcher.pretrain",
+        "add_train_args",
+        "train",
+        "train (one process, or under deepspeed/torchrun/srun/mpirun)",
+    ),
+    "slurm": (
+        "launcher.slurm",
+        "add_slurm_args",
+        "run_slurm",
+        "write an sbatch script for a SLURM cluster to stdout",
+    ),
+    "check-parity": (
+        "megalm.parity",
+        "add_parity_args",
+        "check_parity",
+        "train in several parallel layouts, compare to one process",
+    ),
+    "plot": (
+        "megalm.plot",
+        "add_plot_args",
+        "run_plot",
+        "plot loss, lr and tokens/s of one or more runs into an image",
+    ),
+    "convert": (
+        "megalm.cli",
+        "add_convert_args",
+        "run_convert",
+        "convert checkpoints (Hugging Face export/import, consolidation)",
+    ),
+    "eval": (
+        "megalm.inference.evaluate",
+        "add_eval_args",
+        "run_eval",
+        "loss, perplexity, bits per byte or cloze accuracy of a checkpoint",
+    ),
+    "generate": (
+        "megalm.inference.generate",
+        "add_generate_args",
+        "run_generate",
+        "sample text from a checkpoint (KV cache, streamed)",
+    ),
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from launcher.pretrain import add_train_args
-    from launcher.slurm import add_slurm_args
-    from megalm.data.prepare import add_prepare_args
 
+def _command(name: str, attr: int):
+    module, *names, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), names[attr])
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `megalm` parser; with `only`, the other subcommands are listed but their modules are not imported."""
     parser = argparse.ArgumentParser(prog="megalm", description="Pretrain decoder-only Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_prepare_args(sub.add_parser("prepare", help="turn .txt/.jsonl(.gz) files into token shards"))
-    add_train_args(sub.add_parser("train", help="train (one process, or under deepspeed/torchrun/srun/mpirun)"))
-    add_slurm_args(sub.add_parser("slurm", help="write an sbatch script for a SLURM cluster to stdout"))
-    from megalm.parity import add_parity_args
-
-    add_parity_args(sub.add_parser("check-parity", help="train in several parallel layouts, compare to one process"))
-    from megalm.plot import add_plot_args
-
-    add_plot_args(sub.add_parser("plot", help="plot loss, lr and tokens/s of one or more runs into an image"))
-    add_convert_args(sub.add_parser("convert", help="convert checkpoints (Hugging Face export/import, consolidation)"))
-    from megalm.inference.evaluate import add_eval_args
-    from megalm.inference.generate import add_generate_args
-
-    add_eval_args(sub.add_parser("eval", help="loss, perplexity, bits per byte or cloze accuracy of a checkpoint"))
-    add_generate_args(sub.add_parser("generate", help="sample text from a checkpoint (KV cache, streamed)"))
+    for name, (*_, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        if only is None or name == only:
+            _command(name, 0)(p)
     return parser
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
     """`megalm convert <what>`: each sub-subcommand sets `convert_run`, the function that runs it."""
+    from megalm.convert.consolidate import add_consolidate_args
     from megalm.convert.hf import add_from_hf_args, add_to_hf_args
 
     what = p.add_subparsers(dest="convert_command", required=True)
     add_to_hf_args(what.add_parser("to-hf", help="a checkpoint or consolidated directory -> a transformers model"))
     add_from_hf_args(what.add_parser("from-hf", help="a transformers model directory -> a consolidated directory"))
-    from megalm.convert.consolidate import add_consolidate_args
-
     add_consolidate_args(what.add_parser("consolidate", help="a checkpoint of any layout -> one fp32 safetensors"))
 
 
-def _run_inference(argv: list[str]) -> int:
-    """`megalm eval|generate` through a parser of their own: they start without importing DeepSpeed (seconds
-    sooner, and nothing of DeepSpeed's logging on stdout, where generate streams its text)."""
-    from megalm.inference.evaluate import add_eval_args, run_eval
-    from megalm.inference.generate import add_generate_args, run_generate
-
-    parser = argparse.ArgumentParser(prog="megalm")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_args(sub.add_parser("eval", help="loss, perplexity, bits per byte or cloze accuracy of a checkpoint"))
-    add_generate_args(sub.add_parser("generate", help="sample text from a checkpoint (KV cache, streamed)"))
-    args = parser.parse_args(argv)
-    return run_eval(args) if args.command == "eval" else run_generate(args)
+def run_convert(args: argparse.Namespace) -> int:
+    return args.convert_run(args)
 
 
 def _dispatch(argv: list[str] | None) -> int:
-    if argv and argv[0] in ("eval", "generate"):
-        return _run_inference(argv)
-    args = build_parser().parse_args(argv)
-    if args.command == "prepare":
-        from megalm.data.prepare import run_prepare
-
-        return run_prepare(args)
-    if args.command == "check-parity":
-        from megalm.parity import check_parity
-
-        return check_parity(args)
-    if args.command == "plot":
-        from megalm.plot import run_plot
-
-        return run_plot(args)
-    if args.command == "convert":
-        return args.convert_run(args)
-    if args.command == "slurm":
-        from launcher.slurm import run_slurm
-
-        return run_slurm(args)
-    from launcher.pretrain import train
-
-    return train(args)
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
+    return _command(args.command, 1)(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -110,6 +110,14 @@ class ZeroConfig:
     """DeepSpeed ZeRO stage 0-3 (shard optimizer state, +gradients, +parameters across data-parallel ranks)."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     """Keep optimizer state in CPU memory (ZeRO stage >= 1)."""
+    offload_param: Literal["none", "cpu"] = "none"
+    """Keep the parameter partitions in CPU memory between uses (ZeRO stage 3)."""
+    overlap_comm: bool | None = None
+    """Overlap gradient reduction with the backward pass (ZeRO >= 1); None keeps DeepSpeed's default."""
+    contiguous_gradients: bool | None = None
+    """Copy gradients into one contiguous buffer as they are produced (ZeRO >= 1); None: DeepSpeed's default."""
+    reduce_bucket_size: int | None = None
+    """Elements reduced at once (ZeRO >= 1): larger is faster, smaller holds less memory; None: DeepSpeed's 5e8."""
 
 
 @dataclass
@@ -307,6 +315,10 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         _fail(cfg, "zero.stage", f"must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     if cfg.zero.offload_optimizer == "cpu" and cfg.zero.stage == 0:
         _fail(cfg, "zero.offload_optimizer", "cpu offload needs zero.stage >= 1")
+    if cfg.zero.offload_param == "cpu" and cfg.zero.stage != 3:
+        _fail(cfg, "zero.offload_param", "parameter offload needs zero.stage=3 (only stage 3 partitions parameters)")
+    if cfg.zero.reduce_bucket_size is not None and cfg.zero.reduce_bucket_size < 1:
+        _fail(cfg, "zero.reduce_bucket_size", f"must be >= 1 element, got {cfg.zero.reduce_bucket_size}")
     _validate_precision(cfg)
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:

@@ -90,6 +90,20 @@ def test_bf16_at_zero0_without_pipeline_runs_as_zero1(dtype, stage, pp, given):
     assert deepspeed_config(cfg, dp=1)["zero_optimization"]["stage"] == given
 
 
+def test_zero_knobs_reach_deepspeed_and_offload_is_checked():
+    cfg = load_config(None, ["zero.stage=3", "zero.offload_param=cpu", "zero.offload_optimizer=cpu",
+                             "zero.overlap_comm=true", "zero.reduce_bucket_size=20000000"])  # fmt: skip
+    assert deepspeed_config(cfg, dp=2)["zero_optimization"] == {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
+        "overlap_comm": True, "reduce_bucket_size": 20000000,
+    }  # fmt: skip
+    assert deepspeed_config(load_config(None, []), dp=1)["zero_optimization"] == {"stage": 0}, "DeepSpeed defaults"
+    with pytest.raises(MegalmError, match="zero.offload_param"):
+        load_config(None, ["zero.stage=2", "zero.offload_param=cpu"])
+    with pytest.raises(MegalmError, match="zero.reduce_bucket_size"):
+        load_config(None, ["zero.stage=1", "zero.reduce_bucket_size=0"])
+
+
 def test_lr_schedule_warmup_cosine_floor():
     cfg = Config()
     cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps = 1.0, 0.1, 10, 110

@@ -47,6 +47,11 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": zero_stage(cfg)}
     if cfg.zero.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.zero.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu"}
+    for key in ("overlap_comm", "contiguous_gradients", "reduce_bucket_size"):
+        if getattr(cfg.zero, key) is not None:
+            zero[key] = getattr(cfg.zero, key)
     ds: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -30,7 +30,7 @@ from megalm.parallel import ParallelState
 from megalm.training import checkpoint
 from megalm.training.engine import build_engine, init_deepspeed_comm, zero_stage
 from megalm.training.loop import Trainer
-from megalm.training.metrics import peak_tflops
+from megalm.training.metrics import check_log_backends, peak_tflops
 from megalm.training.signals import PREEMPTED_EXIT_CODE, StopSignals
 
 
@@ -102,6 +102,7 @@ def train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    check_log_backends(cfg)  # a missing wandb package fails here, before any process group or engine exists
     info = init_distributed(cfg.train.collective_timeout_s)
     cfg.validate(info.world_size)
     init_deepspeed_comm()  # DeepSpeed adopts the process group (the pipeline module needs it to build)

@@ -34,3 +34,20 @@ def test_user_errors_are_one_line(tmp_path):
     result = megalm("train", "--config", str(REPO / "configs" / "tiny.yaml"), "model.n_lyer=2", "--print-config")
     assert result.returncode == 2
     assert "did you mean 'model.n_layer'?" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wandb_missing_is_refused_before_training_starts(tmp_path):
+    """log.wandb=true without the package: one line naming log.wandb, before any process group or engine."""
+    blocker = tmp_path / "nowandb"
+    blocker.mkdir()
+    (blocker / "wandb.py").write_text("raise ImportError('wandb is blocked in this test')\n")
+    exe = shutil.which("megalm") or None
+    cmd = [exe] if exe else [sys.executable, "-c", "from megalm.cli import main; main()"]
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{blocker}:{env.get('PYTHONPATH', '')}"
+    result = subprocess.run(cmd + ["train", "--config", str(REPO / "configs" / "tiny.yaml"), "log.wandb=true",
+                                   f"train.run_dir={tmp_path / 'run'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "log.wandb" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists(), "nothing was started"

@@ -185,7 +185,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, state):
         mpu=None if cfg.parallel.pp > 1 else state,  # a PipelineModule brings its own grid (same rank order)
         dist_init_required=False,
     )
-    if state.dp == 1 and cfg.parallel.pp == 1 and cfg.zero.stage == 0:
+    if state.dp == 1 and cfg.parallel.pp == 1 and zero_stage(cfg) == 0:
         # One data-parallel rank: DeepSpeed's gradient all-reduce would only flatten and copy every gradient
         # (bench/cpu_throughput.py: the engine went from 0.79x to 0.99x of a plain loop at GPT-2 124M shapes).
         engine.enable_backward_allreduce = False

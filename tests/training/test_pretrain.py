@@ -146,3 +146,18 @@ def test_parallel_layouts_match_one_process(one_process_losses, tmp_path, layout
     losses = train_losses(tmp_path / "run")
     for step, loss in reference.items():
         assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, loss, losses[step])
+
+
+def test_one_process_bf16_at_zero0_trains_as_zero1(dataset, tmp_path):
+    """bf16 at zero.stage 0 without a pipeline runs DeepSpeed's ZeRO-1 (BF16_Optimizer): it trains, says so, and
+    takes exactly the steps an explicit zero.stage=1 run takes."""
+    config = tiny_config(tmp_path, dataset, train={"eval_interval": 0, "log_interval": 1})
+    runs = {}
+    for stage in (0, 1):
+        run_dir = tmp_path / f"zero{stage}"
+        out = _ok(run_pretrain(config, "precision.dtype=bf16", f"zero.stage={stage}", "train.max_steps=3",
+                               f"train.run_dir={run_dir}", "checkpoint.interval=0")).stdout  # fmt: skip
+        runs[stage] = train_losses(run_dir)
+        if stage == 0:
+            assert "zero 1 (bf16 at zero.stage 0 runs as ZeRO-1)" in out
+    assert sorted(runs[0]) == [1, 2, 3] and runs[0] == runs[1]

@@ -161,3 +161,15 @@ def test_one_process_bf16_at_zero0_trains_as_zero1(dataset, tmp_path):
         if stage == 0:
             assert "zero 1 (bf16 at zero.stage 0 runs as ZeRO-1)" in out
     assert sorted(runs[0]) == [1, 2, 3] and runs[0] == runs[1]
+
+
+def test_zero2_with_optimizer_offload_takes_the_same_steps(dataset, tmp_path):
+    """zero.offload_optimizer=cpu keeps Adam's state and step in CPU memory: the losses are those without it."""
+    config = tiny_config(tmp_path, dataset, train={"eval_interval": 0, "log_interval": 1})
+    runs = []
+    for offload in ("none", "cpu"):
+        run_dir = tmp_path / offload
+        _ok(run_pretrain(config, "zero.stage=2", f"zero.offload_optimizer={offload}", "train.max_steps=3",
+                         f"train.run_dir={run_dir}", "checkpoint.interval=0"))  # fmt: skip
+        runs.append(train_losses(run_dir))
+    assert sorted(runs[0]) == [1, 2, 3] and runs[1] == runs[0]

@@ -7,6 +7,7 @@ import netrc
 import os
 import resource
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ class WandbLogger:
 
         self.wandb = wandb
         id_file = cfg.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]  # W&B's id format
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=cfg.log.wandb_project, name=cfg.name, id=run_id, resume="allow",
                               dir=str(cfg.run_dir), config=cfg.to_dict(), mode=wandb_mode())  # fmt: skip

@@ -91,9 +91,7 @@ class FakeRun:
 def fake_wandb(monkeypatch, tmp_path):
     """A `wandb` module that records calls; no key configured (HOME without .netrc, no WANDB_* variables)."""
     calls: list = []
-    ids = iter(["run-a", "run-b"])
-    module = types.ModuleType("wandb")
-    module.util = types.SimpleNamespace(generate_id=lambda: next(ids))
+    module = types.ModuleType("wandb")  # only init is used: the run id is megalm's own
     module.init = lambda **kw: calls.append(("init", kw)) or FakeRun(calls)
     monkeypatch.setitem(sys.modules, "wandb", module)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -110,12 +108,14 @@ def test_wandb_logs_rows_offline_and_resumes_the_same_run(tmp_path, fake_wandb):
     writer.write({"step": 10, "val_loss": 3.2})
     writer.close()
     init = fake_wandb[0][1]
-    assert (init["project"], init["id"], init["resume"], init["mode"]) == ("megalm", "run-a", "allow", "offline")
+    run_id = (cfg.run_dir / "wandb_id").read_text().strip()
+    assert len(run_id) == 8 and run_id.isalnum()
+    assert (init["project"], init["id"], init["resume"], init["mode"]) == ("megalm", run_id, "allow", "offline")
     assert init["config"]["log"]["wandb"] is True
     assert fake_wandb[1:] == [("log", {"loss": 3.0, "lr": 1e-3, "grad_norm": 1.5}, 10),
                               ("log", {"val_loss": 3.2}, 10), ("finish",)]  # fmt: skip
     metrics.MetricsWriter.from_config(cfg).close()  # a resumed run continues the same W&B run
-    assert fake_wandb[4][1]["id"] == "run-a"
+    assert fake_wandb[4][1]["id"] == run_id
 
 
 def test_wandb_mode_honours_environment_and_key(monkeypatch, fake_wandb):
@@ -159,3 +159,24 @@ def test_training_run_writes_every_scalar(tmp_path, dataset):
     want = {"loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "mem_bytes", "data_wait_s",
             "skipped_steps"}  # fmt: skip
     assert want <= tags, want - tags
+
+
+@pytest.mark.multiprocess
+def test_real_wandb_logs_offline_and_a_resumed_run_continues_it(dataset, tmp_path, monkeypatch):
+    """The installed wandb package (not a stand-in), no key, no network: an offline run holding the scalars; the
+    same command run again (resuming) logs to the same W&B run id."""
+    pytest.importorskip("wandb", reason="wandb not installed (pip install wandb; it is in the dev extra)")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "NETRC", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    config = tiny_config(tmp_path, dataset, log={"wandb": True, "tensorboard": False},
+                         train={"log_interval": 2, "eval_interval": 2})  # fmt: skip
+    run_dir = tmp_path / "runs" / "tiny"
+    for steps in (4, 6):
+        ok(run_pretrain(config, f"train.max_steps={steps}", "checkpoint.interval=2"))
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert [r.name.rsplit("-", 1)[1] for r in runs] == [run_id, run_id], "both invocations log to one W&B run"
+    logged = (runs[0] / f"run-{run_id}.wandb").read_bytes()
+    for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "data_wait_s"):
+        assert key.encode() in logged, key

@@ -491,15 +491,20 @@ def import_hf(hf_dir: str | Path, out: str | Path, seq_len: int | None = None, f
 
     hf_dir = Path(hf_dir)
     _check_out(Path(out), force)
-    conf = read_hf_config(hf_dir)
-    model = model_config_from_hf(conf, str(hf_dir / "config.json"), seq_len)
-    state = from_hf_state(model, read_hf_weights(hf_dir), f"weights in {hf_dir}")
-    cfg = Config(model=model, name=hf_dir.name, source=f"{hf_dir} (Hugging Face)")
-    cfg.data.tokenizer = "gpt2" if _is_gpt2_tokenizer(hf_dir) else None
+    cfg, state = read_hf_model(hf_dir, seq_len)
     out = save_consolidated(cfg, state, Path(out))
     if (hf_dir / "tokenizer.json").is_file():  # `megalm eval` / `generate` find it next to the weights
         shutil.copyfile(hf_dir / "tokenizer.json", out / "tokenizer.json")
     return out
+
+
+def read_hf_model(hf_dir: Path, seq_len: int | None = None) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(megalm Config, layout-free fp32 state dict) of a transformers model directory, in memory."""
+    model = model_config_from_hf(read_hf_config(hf_dir), str(hf_dir / "config.json"), seq_len)
+    state = from_hf_state(model, read_hf_weights(hf_dir), f"weights in {hf_dir}")
+    cfg = Config(model=model, name=hf_dir.name, source=f"{hf_dir} (Hugging Face)")
+    cfg.data.tokenizer = "gpt2" if _is_gpt2_tokenizer(hf_dir) else None
+    return cfg, state
 
 
 def _is_gpt2_tokenizer(hf_dir: Path) -> bool:

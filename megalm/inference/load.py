@@ -55,12 +55,10 @@ def is_hf_dir(path: Path) -> bool:
 
 def load_hf_dir(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """What `megalm convert from-hf` would write, in memory: evaluate a Hugging Face model without converting it."""
-    from megalm.convert import hf
+    from megalm.convert.hf import read_hf_model
 
-    model_cfg = hf.model_config_from_hf(hf.read_hf_config(path), str(path / "config.json"))
-    state = hf.from_hf_state(model_cfg, hf.read_hf_weights(path), f"weights in {path}")
-    cfg = Config(model=model_cfg, name=path.name, source=f"{path} (Hugging Face)")
-    cfg.data.tokenizer, cfg.data.train, cfg.data.val = ("gpt2" if hf._is_gpt2_tokenizer(path) else None), "", None
+    cfg, state = read_hf_model(path)
+    cfg.data.train, cfg.data.val = "", None  # no shards to find a tokenizer in
     return cfg, state
 
 

@@ -44,6 +44,7 @@ import torch.distributed as dist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from megalm.launch.local import free_port  # noqa: E402
 from megalm.training import checkpoint  # noqa: E402
 
 SHAPE = ["model.family=gpt2", "model.n_layer=12", "model.n_head=12", "model.d_model=768", "model.vocab_size=50304"]
@@ -75,7 +76,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def build(args: argparse.Namespace):
-    """(cfg, engine) after one training step; the model setup follows launcher/pretrain.py."""
+    """(cfg, engine) after one training step; the model setup follows megalm.training.pretrain."""
     from megalm.config import load_config
     from megalm.model.transformer import GPT
     from megalm.parallel import ParallelState
@@ -88,7 +89,7 @@ def build(args: argparse.Namespace):
     state.seed(1234)
     model = GPT(cfg.model, state, False)
     init_deepspeed_comm()
-    engine = build_engine(cfg, model, state)
+    engine = build_engine(cfg, cfg.layout(world), model, state)
     x = torch.randint(0, cfg.model.vocab_size, (1, args.train_tokens + 1))
     loss = engine(x[:, :-1], x[:, 1:])
     engine.backward(loss)
@@ -191,7 +192,7 @@ def report(res: dict) -> str:
 
 def preempt(args: argparse.Namespace, root: Path) -> dict:
     """Seconds from SIGTERM (to every worker, as SLURM and Kubernetes send it) to the exit of a 124M run."""
-    from tests.helpers import free_port, prepare_bytes_dataset, subprocess_env, tiny_config
+    from tests.helpers import prepare_bytes_dataset, subprocess_env, tiny_config
 
     data = prepare_bytes_dataset(root / "preempt")
     config = tiny_config(root / "preempt", data, name="gpt2_124m", train={"max_steps": 1000, "eval_interval": 0,
@@ -221,7 +222,7 @@ def preempt(args: argparse.Namespace, root: Path) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from launcher.env import init_distributed
+    from megalm.launch.env import init_distributed
 
     init_distributed()
     root = Path(os.environ["MEGALM_BENCH_DIR"])
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = dict(os.environ, MEGALM_BENCH_DIR=str(root))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_port", str(_free_port()), __file__, *(argv if argv is not None else sys.argv[1:])]  # fmt: skip
+               "--master_port", str(free_port()), __file__, *(argv if argv is not None else sys.argv[1:])]  # fmt: skip
         if subprocess.run(cmd, env=env).returncode != 0:
             return 1
         if args.preempt:
@@ -257,14 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -201,15 +200,14 @@ def init_single_process_group() -> None:
 
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from megalm.launch.local import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
 def deepspeed_contender(shape: Shape, seed: int, x: torch.Tensor) -> Contender:
-    """megalm through megalm's own engine builder, as launcher/pretrain.py builds it (ZeRO 0, fp32, no clipping,
+    """megalm through megalm's own engine builder, as megalm.training.pretrain builds it (ZeRO 0, fp32, no clipping,
     constant lr: the same math as the plain loop, plus whatever the engine adds)."""
     from megalm.parallel import ParallelState
     from megalm.training.engine import build_engine, init_deepspeed_comm
@@ -223,7 +221,7 @@ def deepspeed_contender(shape: Shape, seed: int, x: torch.Tensor) -> Contender:
     torch.manual_seed(seed)
     model = GPT(cfg.model, state).train()
     init_deepspeed_comm()
-    engine = build_engine(cfg, model, state)
+    engine = build_engine(cfg, cfg.layout(world_size=1), model, state)
     loss_fn = megalm_loss(engine, x)
 
     def step() -> float:

@@ -90,10 +90,11 @@ def raw_arrays(split: Path) -> int:
 
 def loader_epoch(split: Path, workers: int) -> int:
     """Input tokens of one epoch of (x, y) micro-batches from TrainBatches."""
+    from megalm.config import Layout
     from megalm.data.loader import TrainBatches, load_split
 
-    loader = TrainBatches(load_split(split), seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, grad_accum=1,
-                          dp_rank=0, dp_size=1, seed=0, num_workers=workers)  # fmt: skip
+    loader = TrainBatches(load_split(split), seq_len=SEQ_LEN, layout=Layout(micro_batch_size=MICRO_BATCH),
+                          dp_rank=0, seed=0, num_workers=workers)  # fmt: skip
     n = 0
     for _ in range(loader.steps_per_epoch):
         for x, _y in loader.next_step():

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
-import torch.multiprocessing as mp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from megalm.launch.local import run_ranks  # noqa: E402
 
 BREAKDOWN_MODEL = {"family": "gpt2", "n_layer": 4, "n_head": 4, "d_model": 256, "vocab_size": 4096, "seq_len": 256}
 COMM_TIMERS = ("pipe_send_output", "pipe_recv_input", "pipe_send_grad", "pipe_recv_grad", "bwd_allreduce_microstep")
@@ -61,27 +58,23 @@ def bubble_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _breakdown_worker(rank: int, port: int, micro_batches: int, steps: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")  # fmt: skip
+def _breakdown_worker(rank: int, world_size: int, micro_batches: int, steps: int) -> dict[str, float]:
+    """One stage of the pp=2 run (under run_ranks): its timers in ms per step, by friendly name."""
     import torch
-    import torch.distributed as dist
 
     from megalm.config import load_config
     from megalm.model.pipeline import build_pipeline
     from megalm.parallel import ParallelState
     from megalm.training.engine import build_engine, init_deepspeed_comm
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     init_deepspeed_comm()
     overrides = [f"model.{k}={v}" for k, v in BREAKDOWN_MODEL.items()] + [
         "parallel.pp=2", "train.micro_batch_size=2", f"train.global_batch_size={2 * micro_batches}",
         "deepspeed={wall_clock_breakdown: true}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
-    state = ParallelState(tp=1, pp=2)
-    engine = build_engine(cfg, build_pipeline(cfg, state), state)
+    layout, state = cfg.layout(world_size), ParallelState(tp=1, pp=2)
+    engine = build_engine(cfg, layout, build_pipeline(cfg, layout, state), state)
     # DeepSpeed 0.19.8: on stages before the last, the pipeline engine starts the backward timers itself and the
     # base engine's backward hook starts them again ("bwd_microstep timer has already been started"): leave them
     # to the pipeline engine there. The last stage's backward is the base engine's, timed by the base engine.
@@ -101,28 +94,13 @@ def _breakdown_worker(rank: int, port: int, micro_batches: int, steps: int, queu
                 engine.timers(name).elapsed(reset=True)
         engine.train_batch(data_iter=iter(data))
     ms = {name: engine.timers(name).elapsed(reset=True) / steps for name in names}
-    queue.put((rank, {FRIENDLY.get(n, n): v for n, v in ms.items()}))
-    queue.close()
-    queue.join_thread()  # flushed before os._exit, which would drop a queued result
-    dist.barrier()
-    os._exit(0)
+    return {FRIENDLY.get(n, n): v for n, v in ms.items()}
 
 
 def breakdown(micro_batches: int = 8, steps: int = 5) -> list[dict]:
     """Milliseconds per step on each stage, from DeepSpeed's pipeline timers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_breakdown_worker, args=(r, port, micro_batches, steps, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    rows = sorted((queue.get(timeout=900) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join()
     out = []
-    for rank, ms in rows:
+    for rank, ms in enumerate(run_ranks(_breakdown_worker, 2, micro_batches, steps, timeout=1800)):
         comm = sum(ms[n] for n in COMM_TIMERS)
         parts = {"forward": ms["forward"], "backward": ms["backward"], "communication": comm,
                  "optimizer": ms["optimizer"]}  # fmt: skip

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
-import torch.multiprocessing as mp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from megalm.launch.local import run_ranks  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(family="gpt2", n_layer=4, n_head=4, d_model=128, vocab_size=50304, seq_len=128),
@@ -27,38 +24,22 @@ CONFIGS = {
 }
 
 
-def _count(rank: int, tp: int, port: int, name: str, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    import torch.distributed as dist
-
+def _count(rank: int, tp: int, name: str) -> tuple[int, int, int, int]:
+    """(rank, sharded, replicated, padded vocabulary) of this rank's shard of the model (under run_ranks)."""
     from megalm.config import ModelConfig
     from megalm.model.transformer import GPT
     from megalm.parallel import ParallelState
 
-    dist.init_process_group("gloo", rank=rank, world_size=tp)
     state = ParallelState(tp=tp)
     state.seed(0)
     model = GPT(ModelConfig(**CONFIGS[name]), state)
     sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
     replicated = sum(p.numel() for p in model.parameters() if not getattr(p, "tensor_model_parallel", False))
-    queue.put((rank, sharded, replicated, model.wte.padded_vocab_size))
-    dist.barrier()
-    dist.destroy_process_group()
+    return rank, sharded, replicated, model.wte.padded_vocab_size
 
 
 def measure(name: str, tp: int) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_count, args=(r, tp, port, name, queue)) for r in range(tp)]
-    for p in procs:
-        p.start()
-    rows = sorted(queue.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join()
-    return {"config": name, "tp": tp, "ranks": rows}
+    return {"config": name, "tp": tp, "ranks": run_ranks(_count, tp, name, timeout=600)}
 
 
 def main() -> None:

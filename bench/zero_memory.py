@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import time
 from pathlib import Path
 
-import torch.multiprocessing as mp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from megalm.launch.local import run_ranks  # noqa: E402
 
 MODEL = {"family": "gpt2", "n_layer": 12, "n_head": 12, "d_model": 768, "vocab_size": 50304, "seq_len": 1024}
 TOKENS = 64  # one short sequence per step: activations are not what this measures
@@ -115,19 +112,15 @@ def account(engine, model) -> dict[str, int]:
     return ledger.bytes
 
 
-def _worker(rank: int, nd: int, port: int, dtype: str, stage: int, model_cfg: dict, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nd),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")  # fmt: skip
+def _worker(rank: int, nd: int, dtype: str, stage: int, model_cfg: dict) -> tuple[int, dict[str, int], int]:
+    """(rank, its ledger, parameter count) after one step and a second backward (under run_ranks)."""
     import torch
-    import torch.distributed as dist
 
     from megalm.config import load_config
     from megalm.model.transformer import GPT, param_count
     from megalm.parallel import ParallelState
     from megalm.training.engine import build_engine, init_deepspeed_comm
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=nd)
     init_deepspeed_comm()
     overrides = [f"model.{k}={v}" for k, v in model_cfg.items()] + [
         f"zero.stage={stage}", f"precision.dtype={dtype}", "train.micro_batch_size=1", f"train.global_batch_size={nd}",
@@ -137,7 +130,7 @@ def _worker(rank: int, nd: int, port: int, dtype: str, stage: int, model_cfg: di
     model = GPT(cfg.model, state, False, seed=0)
     log = lambda what: print(f"[{time.strftime('%X')} rank {rank}] {what}", file=sys.stderr, flush=True)  # noqa: E731
     log("model built")
-    engine = build_engine(cfg, model, state)
+    engine = build_engine(cfg, cfg.layout(nd), model, state)
     log("engine built")
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(0, cfg.model.vocab_size, (1, TOKENS + 1), generator=g)
@@ -148,28 +141,12 @@ def _worker(rank: int, nd: int, port: int, dtype: str, stage: int, model_cfg: di
             engine.step()
             log("step")
     ledger = account(engine, engine.module)
-    queue.put((rank, ledger, param_count(cfg.model)["total"]))
-    queue.close()
-    queue.join_thread()  # flushed before os._exit, which would drop a queued result
-    dist.barrier()
-    os._exit(0)  # skip gloo teardown (see CPU-NOTES)
+    return rank, ledger, param_count(cfg.model)["total"]
 
 
 def measure(dtype: str, stage: int, nd: int, model_cfg: dict | None = None) -> dict:
     """Spawn `nd` ranks and return the fullest rank's ledger next to the formula."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_worker, args=(r, nd, port, dtype, stage, model_cfg or MODEL, queue)) for r in range(nd)
-    ]
-    for p in procs:
-        p.start()
-    rows = sorted((queue.get(timeout=900) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join()
+    rows = run_ranks(_worker, nd, dtype, stage, model_cfg or MODEL, timeout=1800)
     psi = rows[0][2]
     worst = {k: max(r[1][k] for r in rows) for k in rows[0][1]}  # the fullest rank (padding lands on one)
     worst["total_model_state"] = worst["params"] + worst["grads"] + worst["optim"]

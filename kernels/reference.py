@@ -7,8 +7,10 @@ cast back to the input dtype; matmuls run in the input dtype, like eager attenti
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def causal_mask(t_q: int, t_k: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -48,13 +50,22 @@ def fused_softmax_reference(
 
 
 def flash_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, softmax_scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    softmax: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Eager attention: softmax(q @ k^T * scale) @ v, materialising the (T_q x T_k) scores.
 
     q (B, H, T_q, D); k, v (B, H_kv, T_k, D) with H % H_kv == 0 (kv heads are repeated here, in the
     reference only). Matmuls in the input dtype, softmax in fp32 (see fused_softmax_reference),
     probabilities cast back to the input dtype before @ v. Query rows that see no key give zeros.
+    Also the model's eager attention: `dropout_p` drops probabilities (training), and `softmax`
+    (called as softmax(scores, scale=, causal=)) replaces fused_softmax_reference, e.g. kernels.fused_softmax.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     group = q.shape[1] // k.shape[1]
@@ -62,5 +73,7 @@ def flash_attention_reference(
         k = k.repeat_interleave(group, dim=1)  # (B, H, T_k, D)
         v = v.repeat_interleave(group, dim=1)
     scores = q @ k.transpose(-2, -1)  # (B, H, T_q, T_k)
-    p = fused_softmax_reference(scores, scale=scale, causal=causal)
+    p = (softmax or fused_softmax_reference)(scores, scale=scale, causal=causal)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p, training=True)
     return p @ v  # (B, H, T_q, D)

@@ -19,13 +19,13 @@ COMMANDS = {
         "turn .txt/.jsonl(.gz) files into token shards",
     ),
     "train": (
-        "launcher.pretrain",
+        "megalm.training.pretrain",
         "add_train_args",
         "train",
         "train (one process, or under deepspeed/torchrun/srun/mpirun)",
     ),
     "slurm": (
-        "launcher.slurm",
+        "megalm.launch.slurm",
         "add_slurm_args",
         "run_slurm",
         "write an sbatch script for a SLURM cluster to stdout",
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `megalm` command."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from launcher.pretrain import run_and_exit
+        from megalm.training.pretrain import run_and_exit
 
         run_and_exit(_dispatch, argv)
     try:

@@ -265,21 +265,90 @@ class Config:
         return d
 
     def validate(self, world_size: int | None = None) -> None:
-        """Check values that depend on each other; world_size adds the batch-size checks."""
-        _validate(self, world_size)
+        """Check values that depend on each other; world_size adds the layout checks of `layout`."""
+        _validate_model(self)
+        _validate_parallel(self)
+        _validate_precision(self)
+        _validate_optim_and_batch(self)
+        if world_size is not None:
+            self.layout(world_size)
+
+    def layout(self, world_size: int) -> Layout:
+        """The run's parallel layout for `world_size` processes (MegalmError naming the key when it cannot be)."""
+        return Layout.resolve(self, world_size)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout of a run, resolved once from the config and the world size (`Config.layout`).
+
+    Every value derived from the layout lives here: validate(), the engine, the loader, the loop, describe and
+    checkpoints read it and never recompute it. Rank order (ParallelState): tp fastest, then dp, then pp.
+    """
+
+    tp: int = 1
+    """Tensor-parallel ranks."""
+    pp: int = 1
+    """Pipeline stages."""
+    dp: int = 1
+    """Data-parallel ranks: world_size / (tp * pp)."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on each data-parallel rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each data-parallel rank (the pipeline's micro-batches at pp > 1)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside the TP group (only ever True at tp > 1)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.micro_batch_size * self.grad_accum * self.dp
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether DeepSpeed's pipeline engine runs the model (pp > 1)."""
+        return self.pp > 1
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step and data-parallel rank (= grad_accum)."""
+        return self.grad_accum
+
+    @classmethod
+    def resolve(cls, cfg: Config, world_size: int) -> Layout:
+        """Check `cfg`'s batch sizes and parallel sizes against `world_size` and derive dp and grad_accum."""
+        p, t = cfg.parallel, cfg.train
+        if world_size < 1 or world_size % (p.tp * p.pp):
+            _fail(cfg, "parallel", f"tp*pp={p.tp * p.pp} does not divide the world size {world_size}")
+        dp = world_size // (p.tp * p.pp)
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            _fail(cfg, "train.global_batch_size",
+                  f"{t.global_batch_size} is not a multiple of micro_batch_size*dp = "
+                  f"{t.micro_batch_size}*{dp}; change one of them or the number of processes")  # fmt: skip
+        accum = t.global_batch_size // per_step
+        if p.micro_batches is not None and p.micro_batches != accum:
+            msg = f"{p.micro_batches}, but global/(micro*dp) = {accum} micro-batches per step"
+            _fail(cfg, "parallel.micro_batches", f"{msg}; leave it unset or change train.global_batch_size")
+        return cls(tp=p.tp, pp=p.pp, dp=dp, micro_batch_size=t.micro_batch_size, grad_accum=accum,
+                   sequence_parallel=p.sequence_parallel)  # fmt: skip
 
 
 def _fail(cfg: Config, key: str, msg: str) -> typing.NoReturn:
     raise MegalmError(f"config error in {cfg.source}: {key}: {msg}")
 
 
-def _validate(cfg: Config, world_size: int | None) -> None:
-    m, t, p = cfg.model, cfg.train, cfg.parallel
+def _validate_model(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
     positive = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.d_model": m.d_model,
         "model.vocab_size": m.vocab_size, "model.seq_len": m.seq_len, "train.max_steps": t.max_steps,
         "train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
-        "parallel.tp": p.tp, "parallel.pp": p.pp, "train.log_interval": t.log_interval,
+        "parallel.tp": cfg.parallel.tp, "parallel.pp": cfg.parallel.pp, "train.log_interval": t.log_interval,
     }  # fmt: skip
     for key, value in positive.items():
         if value <= 0:
@@ -292,6 +361,10 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         _fail(cfg, "model.d_model", f"llama's RoPE needs an even head dim, got {m.head_dim}")
     if not 0.0 <= m.dropout < 1.0:
         _fail(cfg, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+
+
+def _validate_parallel(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
     if p.pp > 1 and cfg.zero.stage > 1:
         why = "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
         _fail(cfg, "zero.stage", f"{cfg.zero.stage} with parallel.pp={p.pp}: {why}; use zero.stage=1 with pipelines")
@@ -311,16 +384,19 @@ def _validate(cfg: Config, world_size: int | None) -> None:
         _fail(cfg, "parallel.sequence_parallel", "needs parallel.tp > 1")
     if p.sequence_parallel and m.seq_len % p.tp:
         _fail(cfg, "parallel.sequence_parallel", f"model.seq_len={m.seq_len} is not divisible by parallel.tp={p.tp}")
-    if cfg.zero.stage not in (0, 1, 2, 3):
-        _fail(cfg, "zero.stage", f"must be 0, 1, 2 or 3, got {cfg.zero.stage}")
-    if cfg.zero.offload_optimizer == "cpu" and cfg.zero.stage == 0:
+    z = cfg.zero
+    if z.stage not in (0, 1, 2, 3):
+        _fail(cfg, "zero.stage", f"must be 0, 1, 2 or 3, got {z.stage}")
+    if z.offload_optimizer == "cpu" and z.stage == 0:
         _fail(cfg, "zero.offload_optimizer", "cpu offload needs zero.stage >= 1")
-    if cfg.zero.offload_param == "cpu" and cfg.zero.stage != 3:
+    if z.offload_param == "cpu" and z.stage != 3:
         _fail(cfg, "zero.offload_param", "parameter offload needs zero.stage=3 (only stage 3 partitions parameters)")
-    if cfg.zero.reduce_bucket_size is not None and cfg.zero.reduce_bucket_size < 1:
-        _fail(cfg, "zero.reduce_bucket_size", f"must be >= 1 element, got {cfg.zero.reduce_bucket_size}")
-    _validate_precision(cfg)
-    o = cfg.optim
+    if z.reduce_bucket_size is not None and z.reduce_bucket_size < 1:
+        _fail(cfg, "zero.reduce_bucket_size", f"must be >= 1 element, got {z.reduce_bucket_size}")
+
+
+def _validate_optim_and_batch(cfg: Config) -> None:
+    o, t = cfg.optim, cfg.train
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         _fail(cfg, "optim.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={o.lr} min_lr={o.min_lr}")
     if o.warmup_steps < 0:
@@ -328,22 +404,6 @@ def _validate(cfg: Config, world_size: int | None) -> None:
     if t.global_batch_size % t.micro_batch_size:
         _fail(cfg, "train.global_batch_size",
               f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")  # fmt: skip
-    if world_size is not None:
-        dp = world_size // (p.tp * p.pp)
-        if dp * p.tp * p.pp != world_size:
-            _fail(cfg, "parallel", f"tp*pp={p.tp * p.pp} does not divide the world size {world_size}")
-        accum = t.global_batch_size // (t.micro_batch_size * dp) if dp else 0
-        if (
-            p.micro_batches is not None
-            and t.global_batch_size % (t.micro_batch_size * dp) == 0
-            and (p.micro_batches != accum)
-        ):
-            msg = f"{p.micro_batches}, but global/(micro*dp) = {accum} micro-batches per step"
-            _fail(cfg, "parallel.micro_batches", f"{msg}; leave it unset or change train.global_batch_size")
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            _fail(cfg, "train.global_batch_size",
-                  f"{t.global_batch_size} is not a multiple of micro_batch_size*dp = "
-                  f"{t.micro_batch_size}*{dp}; change one of them or the number of processes")  # fmt: skip
 
 
 def _validate_precision(cfg: Config) -> None:

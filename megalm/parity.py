@@ -33,6 +33,7 @@ from pathlib import Path
 
 from megalm.config import load_config
 from megalm.errors import MegalmError
+from megalm.launch.local import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RECOMPUTE = ("none", "full", "selective")
@@ -128,10 +129,8 @@ def launch_command(template: str | None, nproc: int) -> list[str]:
         return shlex.split(template.replace("{nproc}", str(nproc)).replace("{python}", shlex.quote(sys.executable)))
     if nproc == 1:
         return [sys.executable]
-    from launcher.env import _free_port
-
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(_free_port())]  # fmt: skip
+            "--master_port", str(free_port())]  # fmt: skip
 
 
 def _child_env(local: bool) -> dict[str, str]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from megalm.launch.local import free_port as free_port  # re-exported: the launcher tests take it from here
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("the king queen speak night day love death sword crown heart fair foul lord lady come go "
@@ -98,9 +99,3 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Assert a subprocess succeeded, showing its output if not."""
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,6 +1,6 @@
 import pytest
 
-from megalm.config import Config, load_config, parse_overrides
+from megalm.config import Config, Layout, load_config, parse_overrides
 from megalm.errors import MegalmError
 from megalm.training.engine import deepspeed_config, lr_at
 
@@ -71,7 +71,7 @@ def test_deepspeed_config_is_generated_and_expert_block_merged(tmp_path):
     p = write(tmp_path, "train: {micro_batch_size: 2, global_batch_size: 8}\nzero: {stage: 2}\n"
                         "precision: {dtype: bf16}\ndeepspeed: {zero_optimization: {overlap_comm: true}}\n")  # fmt: skip
     cfg = load_config(p)
-    ds = deepspeed_config(cfg, dp=2)
+    ds = deepspeed_config(cfg, cfg.layout(world_size=2))
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
@@ -87,17 +87,17 @@ def test_bf16_at_zero0_without_pipeline_runs_as_zero1(dtype, stage, pp, given):
     """DeepSpeed's ZeRO-0 bf16 path accumulates gradients in bf16 (FP16_UnfusedOptimizer); ZeRO-1 does not."""
     cfg = load_config(None, [f"precision.dtype={dtype}", f"zero.stage={stage}", f"parallel.pp={pp}",
                              "model.n_layer=2"])  # fmt: skip
-    assert deepspeed_config(cfg, dp=1)["zero_optimization"]["stage"] == given
+    assert deepspeed_config(cfg, cfg.layout(world_size=pp))["zero_optimization"]["stage"] == given
 
 
 def test_zero_knobs_reach_deepspeed_and_offload_is_checked():
     cfg = load_config(None, ["zero.stage=3", "zero.offload_param=cpu", "zero.offload_optimizer=cpu",
                              "zero.overlap_comm=true", "zero.reduce_bucket_size=20000000"])  # fmt: skip
-    assert deepspeed_config(cfg, dp=2)["zero_optimization"] == {
+    assert deepspeed_config(cfg, Layout(dp=2))["zero_optimization"] == {
         "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
         "overlap_comm": True, "reduce_bucket_size": 20000000,
     }  # fmt: skip
-    assert deepspeed_config(load_config(None, []), dp=1)["zero_optimization"] == {"stage": 0}, "DeepSpeed defaults"
+    assert deepspeed_config(load_config(None, []), Layout())["zero_optimization"] == {"stage": 0}, "DeepSpeed defaults"
     with pytest.raises(MegalmError, match="zero.offload_param"):
         load_config(None, ["zero.stage=2", "zero.offload_param=cpu"])
     with pytest.raises(MegalmError, match="zero.reduce_bucket_size"):

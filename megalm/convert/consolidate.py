@@ -24,7 +24,6 @@ q|k|v and gate|up; row-parallel: columns; vocabulary: rows, with the tp-dependen
 from __future__ import annotations
 
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ from megalm.training import checkpoint
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
-_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
 @dataclass
@@ -187,12 +185,12 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def _metadata(step_dir: Path) -> dict:
-    files = sorted(step_dir.glob("*mp_rank_00_model_states.pt"))
-    if not files:
+    file = checkpoint.model_states_file(step_dir, 0)
+    if file is None:
         raise MegalmError(f"checkpoint {step_dir}: no mp_rank_00 model states file (not a DeepSpeed checkpoint?)")
-    meta = checkpoint.safe_load(files[0], map_location="cpu").get("megalm")
+    meta = checkpoint.safe_load(file, map_location="cpu").get("megalm")
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise MegalmError(f"checkpoint {files[0]} holds no megalm metadata (config): not written by megalm")
+        raise MegalmError(f"checkpoint {file} holds no megalm metadata (config): not written by megalm")
     return meta
 
 
@@ -222,27 +220,22 @@ def _module_weights(step_dir: Path, cfg: Config, tp_rank: int) -> dict[str, torc
     L = cfg.model.n_layer
     if cfg.parallel.pp > 1:
         out = {}
-        for f in sorted(step_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
-            index = str(int(f.name.split("-")[0][len("layer_") :]))
+        for index, f in checkpoint.layer_files(step_dir, tp_rank):
             for k, v in checkpoint.safe_load(f, map_location="cpu").items():
                 out[layout_free_name(f"{index}.{k}", L, True)] = v
         return out
-    files = sorted(step_dir.glob(f"*mp_rank_{tp_rank:02d}_model_states.pt"))
-    if not files:
+    file = checkpoint.model_states_file(step_dir, tp_rank)
+    if file is None:
         raise MegalmError(f"checkpoint {step_dir}: no model states file for tensor-parallel rank {tp_rank}")
-    module = checkpoint.safe_load(files[0], map_location="cpu").get("module")
+    module = checkpoint.safe_load(file, map_location="cpu").get("module")
     if not isinstance(module, dict):
-        raise MegalmError(f"checkpoint {files[0]} holds no module weights")
+        raise MegalmError(f"checkpoint {file} holds no module weights")
     return dict(module)
 
 
 def _optim_files(step_dir: Path, mp: int) -> list[Path]:
-    """The optimizer shard files of model-parallel rank `mp`, in data-parallel rank order."""
-    found = {}
-    for f in step_dir.iterdir():
-        m = _OPTIM_RE.match(f.name)
-        if m and int(m.group(2)) == mp:
-            found[int(m.group(1))] = f
+    """The optimizer shard files of model-parallel rank `mp`, in data-parallel rank order (complete or none)."""
+    found = checkpoint.optimizer_files(step_dir, mp)
     if found and sorted(found) != list(range(len(found))):
         raise MegalmError(f"checkpoint {step_dir}: optimizer shards of model-parallel rank {mp} are incomplete "
                           f"(data-parallel ranks {sorted(found)})")  # fmt: skip
@@ -273,7 +266,9 @@ def _master_weights(step_dir: Path, mp: int, shapes: dict[str, torch.Size]) -> d
 def _zero3_masters(step_dir: Path, mp: int, flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     """ZeRO-3: each parameter is split into dp pieces of ceil(numel/dp), consecutive in each rank's flat group."""
     dp = len(flat_groups)
-    model_file = step_dir / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
+    model_file = checkpoint.model_states_file(step_dir, mp)
+    if model_file is None:
+        raise MegalmError(f"checkpoint {step_dir}: no ZeRO-3 model states file of model-parallel rank {mp}")
     param_shapes = checkpoint.safe_load(model_file, map_location="cpu")["param_shapes"]
     out = {}
     for g, group_shapes in enumerate(param_shapes):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from megalm.config import Config, ModelConfig
 from megalm.errors import MegalmError
-from megalm.model.transformer import VOCAB_MULTIPLE
+from megalm.model.context import VOCAB_MULTIPLE
 from megalm.parallel import pad_vocab_size
 
 StateDict = dict[str, torch.Tensor]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megalm.config import Layout
 from megalm.data.lanes import LaneReader, Mixer, SourcePlan, Stats
 from megalm.data.shards import FORMAT, BadSample, ShardCursor, Split, load_split
 from megalm.errors import MegalmError
@@ -164,16 +165,16 @@ class TrainBatches:
         self,
         data: Split | Blend,
         *,
-        seq_len: int,
-        micro_batch_size: int,
-        grad_accum: int,
+        layout: Layout,
         dp_rank: int,
-        dp_size: int,
+        seq_len: int,
         seed: int,
         num_workers: int = 0,
         on_error: str = "raise",
     ) -> None:
-        """Plan every source for G = micro_batch_size * grad_accum * dp_size lanes; start at step 0."""
+        """Plan every source for G = layout.global_batch_size lanes (this rank serves its micro-batches of each
+        step: micro_batch_size x grad_accum); start at step 0."""
+        micro_batch_size, grad_accum, dp_size = layout.micro_batch_size, layout.grad_accum, layout.dp
         _check_sizes(seq_len=seq_len, micro_batch_size=micro_batch_size, grad_accum=grad_accum, dp_size=dp_size)
         if not 0 <= dp_rank < dp_size:
             raise MegalmError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
@@ -183,7 +184,7 @@ class TrainBatches:
         self.seq_len, self.seed, self.on_error = seq_len, seed, on_error
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.global_batch_size = g = micro_batch_size * grad_accum * dp_size
+        self.global_batch_size = g = layout.global_batch_size
         plans = [SourcePlan(s, index=i, lanes=g, seq_len=seq_len, seed=seed) for i, s in enumerate(self.blend.splits)]
         self.spec = LoaderSpec(plans, self.blend.weights, g, seq_len, seed, on_error)
         b = micro_batch_size  # local lane j = m * b + i is global lane (m * dp + r) * b + i

@@ -19,6 +19,7 @@ import torch
 from megalm.data.tokenizer import Tokenizer
 from megalm.errors import MegalmError
 from megalm.inference.load import Loaded, check_vocab, find_tokenizer
+from megalm.progress import progress_bar
 
 
 @dataclass
@@ -102,7 +103,6 @@ def score_batch(model: Callable[[torch.Tensor], torch.Tensor], rows: Sequence[tu
 def cloze_scores(model: Callable[[torch.Tensor], torch.Tensor], tok: Tokenizer, examples: list[tuple[str, str]],
                  seq_len: int, batch_size: int = 8, device: torch.device | None = None) -> dict:  # fmt: skip
     """Accuracy, mean target log-likelihood and counts of `examples` under `model` (token ids -> logits)."""
-    from megalm.inference.evaluate import progress_bar
 
     device = device or torch.device("cpu")
     rows = [encode_example(tok, c, t, seq_len) for c, t in examples]

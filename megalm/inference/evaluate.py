@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from megalm.data.tokenizer import Tokenizer
 from megalm.errors import MegalmError
 from megalm.inference.load import Loaded, check_vocab, find_tokenizer, load_model
 from megalm.inference.stream import IncrementalDecoder
+from megalm.progress import progress_bar
 
 
 @dataclass
@@ -100,13 +100,6 @@ def batches(wins: Iterator[np.ndarray], batch_size: int) -> Iterator[torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-
-
-def progress_bar(total: int | None, desc: str):
-    """A tqdm bar on stderr (hidden when stderr is not a terminal)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
 @torch.no_grad()

@@ -13,19 +13,10 @@ from __future__ import annotations
 
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-from megalm.config import Config
-from megalm.model.transformer import (
-    Block,
-    Head,
-    Norm,
-    Positions,
-    TokenEmbedding,
-    _Parallel,
-    layer_seed,
-    lm_loss,
-    recompute_in_backward,
-)
-from megalm.parallel import ParallelState
+from megalm.config import Config, Layout
+from megalm.model.context import ParallelContext
+from megalm.model.transformer import Block, Head, Norm, Positions, TokenEmbedding, layer_seed, lm_loss
+from megalm.parallel import ParallelState, recompute_in_backward
 
 
 def _tied_logits(embedding: TokenEmbedding, x):
@@ -35,7 +26,7 @@ def _tied_logits(embedding: TokenEmbedding, x):
 class PipelineLoss:
     """loss_fn(local_logits, labels) for the last stage: the vocab-parallel cross-entropy."""
 
-    def __init__(self, par: _Parallel):
+    def __init__(self, par: ParallelContext):
         self.par = par
 
     def __call__(self, local_logits, labels):
@@ -53,30 +44,24 @@ class RecomputeSegment:
         return recompute_in_backward(fn, *inputs, rng=self.state.rng)
 
 
-def layer_specs(par: _Parallel, seed: int) -> list[LayerSpec]:
+def layer_specs(par: ParallelContext, seed: int) -> list[LayerSpec]:
     """The model's layers in order, as specs that the pipeline engine builds on the stage owning them."""
-    cfg = par.cfg
-    L = cfg.n_layer
-    if cfg.tied:
-        first = TiedLayerSpec("embed", TokenEmbedding, cfg, par, layer_seed(seed, 0), tied_weight_attr="wte.weight")
-        last = TiedLayerSpec("embed", TokenEmbedding, cfg, par, layer_seed(seed, 0), forward_fn=_tied_logits,
+    L = par.cfg.n_layer
+    if par.cfg.tied:
+        first = TiedLayerSpec("embed", TokenEmbedding, par, layer_seed(seed, 0), tied_weight_attr="wte.weight")
+        last = TiedLayerSpec("embed", TokenEmbedding, par, layer_seed(seed, 0), forward_fn=_tied_logits,
                              tied_weight_attr="wte.weight")  # fmt: skip
     else:
-        first = LayerSpec(TokenEmbedding, cfg, par, layer_seed(seed, 0))
-        last = LayerSpec(Head, cfg, par, layer_seed(seed, L + 3))
-    blocks = [LayerSpec(Block, cfg, par, layer_seed(seed, 2 + i)) for i in range(L)]
-    return [
-        first,
-        LayerSpec(Positions, cfg, par, layer_seed(seed, 1)),
-        *blocks,
-        LayerSpec(Norm, cfg, par.sp_group),
-        last,
-    ]
+        first = LayerSpec(TokenEmbedding, par, layer_seed(seed, 0))
+        last = LayerSpec(Head, par, layer_seed(seed, L + 3))
+    blocks = [LayerSpec(Block, par, layer_seed(seed, 2 + i)) for i in range(L)]
+    return [first, LayerSpec(Positions, par, layer_seed(seed, 1)), *blocks, LayerSpec(Norm, par), last]
 
 
-def build_pipeline(cfg: Config, state: ParallelState) -> PipelineModule:
-    """The PipelineModule for cfg.parallel.pp stages over `state`'s topology (tp fastest, then dp, then pp)."""
-    par = _Parallel(cfg.model, state, cfg.parallel.sequence_parallel and state.tp > 1, cfg.parallel.recompute)
+def build_pipeline(cfg: Config, layout: Layout, state: ParallelState) -> PipelineModule:
+    """The PipelineModule for layout.pp stages over `state`'s topology (tp fastest, then dp, then pp)."""
+    par = ParallelContext(cfg.model, state, sequence_parallel=layout.sequence_parallel,
+                          recompute=cfg.parallel.recompute)  # fmt: skip
     return PipelineModule(
         layers=layer_specs(par, cfg.train.seed),
         loss_fn=PipelineLoss(par),

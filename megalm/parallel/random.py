@@ -11,8 +11,8 @@ holds a different slice (its attention heads, its FFN columns), so dropout there
 ``fork`` swaps the CPU generator and, when CUDA is initialised, the current CUDA device's generator; the stream's
 state advances across forks and the default generators resume exactly where they were.
 
-TODO(activation checkpointing): a recomputed forward must replay the same TP-stream masks; the checkpoint wrapper
-has to save ``state_dict()`` before the forward and restore it around the recompute (as Megatron's does).
+Recomputation lives here too (``recompute_in_backward``): a recomputed forward must draw the same dropout masks, so
+the wrapper saves the tracker's ``state_dict()`` before the forward and restores it around the recompute.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 TP_RNG = "tensor-parallel"
 """Name of the stream for dropout inside TP regions (seeded per TP rank)."""
@@ -101,3 +102,29 @@ class RNGTracker:
     def load_state_dict(self, state: dict) -> None:
         self._seeds = {n: int(s) for n, s in state["seeds"].items()}
         self._states = {n: dict(state["states"].get(n, {})) for n in self._seeds}
+
+
+def recompute_in_backward(fn, *args, rng: RNGTracker | None = None):
+    """fn(*args) without keeping its activations: torch's non-reentrant checkpoint runs it again in backward.
+
+    Dropout draws the same masks in the recompute: torch restores the default generators (inside a TP fork that
+    is the TP stream's state), and for `rng` (an RNGTracker that fn itself forks, as whole blocks do) the stream is
+    rewound to its state before the forward for the recompute and put back afterwards."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    before = rng.state_dict() if rng is not None else None
+    calls = 0
+
+    def run(*inputs):
+        nonlocal calls
+        calls += 1
+        if calls == 1 or before is None:
+            return fn(*inputs)
+        now = rng.state_dict()
+        rng.load_state_dict(before)
+        try:
+            return fn(*inputs)
+        finally:
+            rng.load_state_dict(now)
+
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)

@@ -3,10 +3,12 @@
 Layout of <checkpoint.dir>:
 
     step_00000200/                          one checkpoint; its name is the DeepSpeed tag
-        mp_rank_00_model_states.pt, ...     DeepSpeed's files: weights, optimizer shards, lr scheduler, loss scaler;
-                                            megalm's metadata (config, step, consumed tokens and samples, loader)
-                                            rides in DeepSpeed's client_state["megalm"], written by rank 0
-        megalm_rank_<r>.pt                  per rank: RNG states (python, numpy, torch, CUDA, TP tracker), loader
+        mp_rank_00_model_states.pt, ...     DeepSpeed's files: weights, optimizer shards, lr scheduler, loss scaler
+                                            (their names: see "DeepSpeed's file names" below, the one place that
+                                            knows them); megalm's metadata (the Trainer's state_dict: step,
+                                            consumed tokens and samples, loader position; and the config) rides in
+                                            DeepSpeed's client_state["megalm"], written by rank 0
+        megalm_rank_<r>.pt                  per rank: RNG states (python, numpy, torch, CUDA, TP tracker)
         megalm-checkpoint.json              manifest {format, step, world_size, files: {relpath: {bytes, sha256}}}
     latest                                  the newest tag (DeepSpeed's convention); replaced atomically
     .tmp-step_00000300/                     a save in progress, or one a crash interrupted (removed at the next save)
@@ -60,7 +62,7 @@ def tag_for(step: int) -> str:
 
 
 def rank_file(rank: int) -> str:
-    """Name of a rank's own file (RNG and loader state) inside a checkpoint."""
+    """Name of a rank's own file (RNG states, and any rank_state) inside a checkpoint."""
     return f"megalm_rank_{rank}.pt"
 
 
@@ -477,9 +479,38 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
                       f"above); move them away, or set train.resume=none to start over")  # fmt: skip
 
 
-_LAYER_FILE_RE = re.compile(r"^layer_\d+-model_(\d+)-model_states\.pt$")
-_MODEL_FILE_RE = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")
-_ZERO_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
+# --- DeepSpeed's file names inside a checkpoint (the one place that knows them) ---------------------------------
+
+_LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")  # pp > 1: (layer index, TP rank)
+_MODEL_FILE_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")  # (ZeRO-3 dp rank, mp rank)
+_ZERO_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")  # (dp rank, mp rank)
+
+
+def model_states_file(step_dir: Path, mp: int) -> Path | None:
+    """The model states file of model-parallel rank `mp` (tp x pp; DeepSpeed's mp_rank_XX), holding the module
+    weights (pp = 1), megalm's metadata (mp 0) and, under ZeRO-3, the parameter shapes; None if there is none."""
+    found = {}
+    for f in step_dir.iterdir():
+        m = _MODEL_FILE_RE.match(f.name)
+        if m and int(m.group(2)) == mp:
+            found[int(m.group(1) or -1)] = f  # ZeRO-3 writes one per dp rank: take dp rank 0's
+    return found[min(found)] if found else None
+
+
+def layer_files(step_dir: Path, tp_rank: int) -> list[tuple[int, Path]]:
+    """(pipeline layer index, file) of TP rank `tp_rank`'s per-layer weight files (pp > 1), by layer index."""
+    found = [(int(m.group(1)), int(m.group(2)), f) for f in step_dir.iterdir() if (m := _LAYER_FILE_RE.match(f.name))]
+    return sorted((index, f) for index, tp, f in found if tp == tp_rank)
+
+
+def optimizer_files(step_dir: Path, mp: int) -> dict[int, Path]:
+    """Data-parallel rank -> optimizer shard file of model-parallel rank `mp` (ZeRO 1-3, or bf16)."""
+    found = {}
+    for f in step_dir.iterdir():
+        m = _ZERO_OPTIM_RE.match(f.name)
+        if m and int(m.group(2)) == mp:
+            found[int(m.group(1))] = f
+    return dict(sorted(found.items()))
 
 
 def saved_layout(path: Path) -> dict[str, Any]:
@@ -489,8 +520,8 @@ def saved_layout(path: Path) -> dict[str, Any]:
     pp > 1 (layer_II-model_TT), and optimizer shards per data-parallel rank under ZeRO or bf16 ("sharded")."""
     manifest = read_manifest(path)
     names = list(manifest["files"])
-    layer_tp = {int(m.group(1)) for n in names if (m := _LAYER_FILE_RE.match(n))}
-    mp = {int(m.group(1)) for n in names if (m := _MODEL_FILE_RE.match(n))}
+    layer_tp = {int(m.group(2)) for n in names if (m := _LAYER_FILE_RE.match(n))}
+    mp = {int(m.group(2)) for n in names if (m := _MODEL_FILE_RE.match(n))}
     tp = max(layer_tp) + 1 if layer_tp else max(len(mp), 1)
     pp = max(len(mp) // tp, 1) if layer_tp else 1
     dp = max(int(manifest["world_size"]) // (tp * pp), 1)
@@ -520,7 +551,8 @@ def check_layout(path: Path, *, tp: int, pp: int, dp: int) -> None:
 def load(engine, path: Path, rng_tracker=None) -> dict[str, Any]:
     """Collective: load checkpoint `path` (verified by resolve_resume) into `engine`; restore this rank's RNG states.
 
-    Returns megalm's metadata, with "loader" replaced by this rank's own loader state when its file holds one.
+    Returns megalm's metadata, updated with this rank's own rank_state (what save() got as `rank_state`) when its
+    file holds one: a rank's own value wins over rank 0's copy.
     """
     _safe_engine(engine)
     load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
@@ -537,8 +569,7 @@ def load(engine, path: Path, rng_tracker=None) -> dict[str, Any]:
         raise MegalmError(next(e for e, _ in status if e))
     if all(same for _, same in status):
         set_rng_state(saved["rng"], rng_tracker)
-        if "loader" in saved:
-            meta["loader"] = saved["loader"]
+        meta.update({k: v for k, v in saved.items() if k not in ("rank", "world_size", "rng")})
     else:
         _warn(f"checkpoint {path} was saved by a different number of ranks: RNG states are not restored, so the "
               "run continues correctly but not bit for bit as an uninterrupted run would")  # fmt: skip

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from megalm.config import Config, _merge
+from megalm.config import Config, Layout, _merge
 from megalm.errors import MegalmError
 from megalm.model.transformer import param_groups
+from megalm.parallel import ParallelState, global_grad_norm
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -26,7 +27,7 @@ def lr_at(step: int, cfg: Config) -> float:
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
 
 
-def zero_stage(cfg: Config) -> int:
+def zero_stage(cfg: Config, layout: Layout) -> int:
     """The ZeRO stage DeepSpeed is given: zero.stage, except bf16 at stage 0 without a pipeline runs as stage 1.
 
     For that case DeepSpeed (0.19) wraps the optimizer in FP16_UnfusedOptimizer, which accumulates gradients in
@@ -35,16 +36,15 @@ def zero_stage(cfg: Config) -> int:
     engine and ZeRO 1-3 do. At dp=1 stage 1 holds the same state as stage 0 would; at dp>1 it partitions the
     optimizer state, which only saves memory.
     """
-    if cfg.precision.dtype == "bf16" and cfg.zero.stage == 0 and cfg.parallel.pp == 1:
+    if cfg.precision.dtype == "bf16" and cfg.zero.stage == 0 and not layout.pipeline:
         return 1
     return cfg.zero.stage
 
 
-def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config implied by `cfg` for `dp` data-parallel ranks (plus the `deepspeed:` block)."""
-    t, p = cfg.train, cfg.precision
-    grad_accum = t.global_batch_size // (t.micro_batch_size * dp)
-    zero: dict[str, Any] = {"stage": zero_stage(cfg)}
+def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
+    """The DeepSpeed JSON config implied by `cfg` in `layout` (plus the `deepspeed:` block)."""
+    p = cfg.precision
+    zero: dict[str, Any] = {"stage": zero_stage(cfg, layout)}
     if cfg.zero.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.zero.offload_param == "cpu":
@@ -53,10 +53,10 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         if getattr(cfg.zero, key) is not None:
             zero[key] = getattr(cfg.zero, key)
     ds: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": 0.0 if _own_clipping(cfg) else cfg.optim.grad_clip,
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": 0.0 if _own_clipping(cfg, layout) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": p.dtype == "bf16"},
         "fp16": {
@@ -110,41 +110,30 @@ class PipelineClippedAdamW(torch.optim.AdamW):
 
     DeepSpeed's fp32 pipeline path without ZeRO computes the norm per stage and counts parameters that are not
     TP-sharded only on the first stage, so clipping would differ from the unsplit model; its ZeRO and bf16
-    optimizers get it right. Here: TP shards and this stage's own parameters are summed over the model-parallel
-    group (tp x pp), TP-replicated parameters count once (tp rank 0) and the copy of a tied weight on a later
-    stage (DeepSpeed marks it ds_pipe_replicated) not at all. Gradients are already data-parallel averaged.
+    optimizers get it right. Here the norm is megalm.parallel.global_grad_norm over the tp x pp group.
     """
 
-    def __init__(self, params, *, max_norm: float, state, **kwargs):
+    def __init__(self, params, *, max_norm: float, state: ParallelState, **kwargs):
         super().__init__(params, **kwargs)
         self.max_norm, self.par_state = max_norm, state
         self.last_grad_norm: float | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-                    continue
-                if getattr(p, "tensor_model_parallel", False) or self.par_state.tp_rank == 0:
-                    grads.append(p.grad)
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        torch.distributed.all_reduce(sq, group=self.par_state.mp_group)
-        norm = sq.sqrt().item()
+        params = [p for group in self.param_groups for p in group["params"]]
+        norm = global_grad_norm(params, self.par_state).item()
         self.last_grad_norm = norm
         if self.max_norm > 0 and norm > self.max_norm:
             scale = self.max_norm / (norm + 1e-6)
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         return super().step(closure)
 
 
-def _own_clipping(cfg: Config) -> bool:
+def _own_clipping(cfg: Config, layout: Layout) -> bool:
     """Whether megalm clips (fp32 pipeline without ZeRO) instead of DeepSpeed."""
-    return cfg.parallel.pp > 1 and cfg.zero.stage == 0 and cfg.precision.dtype == "fp32"
+    return layout.pipeline and cfg.zero.stage == 0 and cfg.precision.dtype == "fp32"
 
 
 def check_dtype_supported(cfg: Config) -> None:
@@ -160,7 +149,7 @@ def check_dtype_supported(cfg: Config) -> None:
                           f"({cfg.source})")  # fmt: skip
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, state):
+def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, state: ParallelState):
     """Wrap `model` in a DeepSpeed engine with AdamW, the lr schedule and the generated config.
 
     `state` (a ParallelState) is DeepSpeed's `mpu`: ZeRO shards and gradients average over its data-parallel
@@ -172,7 +161,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, state):
     # which would leave the lr scheduler one group longer than the optimizer.
     groups = [g for g in param_groups(model, cfg.optim.weight_decay) if g["params"]]
     adam = {"lr": cfg.optim.lr, "betas": cfg.optim.betas, "eps": cfg.optim.eps}
-    if _own_clipping(cfg):
+    if _own_clipping(cfg, layout):
         optimizer = PipelineClippedAdamW(groups, max_norm=cfg.optim.grad_clip, state=state, **adam)
     else:
         optimizer = torch.optim.AdamW(groups, **adam)
@@ -181,11 +170,11 @@ def build_engine(cfg: Config, model: torch.nn.Module, state):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, state.dp),
-        mpu=None if cfg.parallel.pp > 1 else state,  # a PipelineModule brings its own grid (same rank order)
+        config=deepspeed_config(cfg, layout),
+        mpu=None if layout.pipeline else state,  # a PipelineModule brings its own grid (same rank order)
         dist_init_required=False,
     )
-    if state.dp == 1 and cfg.parallel.pp == 1 and zero_stage(cfg) == 0:
+    if layout.dp == 1 and not layout.pipeline and zero_stage(cfg, layout) == 0:
         # One data-parallel rank: DeepSpeed's gradient all-reduce would only flatten and copy every gradient
         # (bench/cpu_throughput.py: the engine went from 0.79x to 0.99x of a plain loop at GPT-2 124M shapes).
         engine.enable_backward_allreduce = False

@@ -1,18 +1,26 @@
-"""Train and eval loop: gradient accumulation through the DeepSpeed engine, metrics, progress, checkpoints."""
+"""Train and eval loop: gradient accumulation through the DeepSpeed engine, metrics, progress, checkpoints.
+
+The Trainer owns the state of a run (LoopState, the data loader's position) and its checkpoints: `save` writes them
+with megalm.training.checkpoint, `resume` restores them; the entry point only builds the pieces and calls `run`.
+"""
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megalm.config import Config
+from megalm.config import Config, Layout
 from megalm.data.loader import Split, TrainBatches, eval_batches, num_windows
+from megalm.model.transformer import param_count
+from megalm.parallel import ParallelState, global_grad_norm
+from megalm.progress import Progress
+from megalm.training import checkpoint
 from megalm.training.metrics import (
     MetricsWriter,
     check_log_backends,
@@ -26,13 +34,20 @@ from megalm.training.signals import StopSignals
 
 @dataclass
 class LoopState:
-    """Where the run stands; saved in every checkpoint."""
+    """Where the run stands; `state_dict` is saved in every checkpoint (history is this process's log only)."""
 
     step: int = 0
     consumed_tokens: int = 0
     best_val_loss: float | None = None
     preempted: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "consumed_tokens": self.consumed_tokens, "best_val_loss": self.best_val_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
+        self.best_val_loss = state.get("best_val_loss")
 
 
 def _all_mean(values: list[float], device: torch.device) -> list[float]:
@@ -42,27 +57,14 @@ def _all_mean(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def _grad_norm(module: torch.nn.Module, tp_group) -> float:
-    """Global L2 norm of the (data-parallel averaged) gradients: TP shards summed over the TP group, replicated
-    parameters counted once."""
-    sharded, replicated = [], []
-    for p in module.parameters():
-        if p.grad is not None:
-            (sharded if getattr(p, "tensor_model_parallel", False) else replicated).append(p.grad.detach().float())
-    sq = lambda grads: torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())  # noqa: E731
-    total = sq(sharded)
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(total, group=tp_group)
-    return (total + sq(replicated)).sqrt().item()
-
-
-def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, tp_group=None):
+def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+               layout: Layout, state: ParallelState):  # fmt: skip
     """Forward/backward every micro-batch, then one optimizer step; returns (this rank's mean loss, grad norm).
 
     DeepSpeed reports the gradient norm itself except in plain fp32 without ZeRO; there it is measured here
     after the last backward, when the gradients are averaged over data-parallel ranks and not yet clipped.
     """
-    if hasattr(engine, "train_batch"):  # pipeline engine: it runs the 1F1B schedule over the micro-batches
+    if layout.pipeline:  # the pipeline engine runs the 1F1B schedule over the micro-batches
         loss = engine.train_batch(data_iter=iter(micro_batches))
         norm = engine.get_global_grad_norm()
         norm = getattr(engine.optimizer, "last_grad_norm", None) if norm is None else norm
@@ -76,7 +78,7 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], d
             and engine.zero_optimization_stage() == 0
             and not (engine.bfloat16_enabled() or engine.fp16_enabled())
         ):
-            own_norm = _grad_norm(engine.module, tp_group)
+            own_norm = global_grad_norm(engine.module.parameters(), state).item()
         engine.step()
         total += loss.item()
     norm = engine.get_global_grad_norm()
@@ -84,96 +86,83 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], d
 
 
 @torch.no_grad()
-def evaluate(engine, split: Split, cfg: Config, rank: int, dp: int, device: torch.device, dp_group=None) -> dict:
+def evaluate(engine, split: Split, cfg: Config, layout: Layout, state: ParallelState, device: torch.device) -> dict:
     """Mean loss and perplexity over the first eval_iters * global_batch_size windows of the validation split
     (rounded down to a multiple of dp: every rank must run the same number of forwards)."""
     engine.eval()
     # Every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively).
+    dp = layout.dp
     n_windows = num_windows(split, cfg.model.seq_len)
-    limit = min(cfg.train.eval_iters * cfg.train.global_batch_size, n_windows) // dp * dp
+    limit = min(cfg.train.eval_iters * layout.global_batch_size, n_windows) // dp * dp
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of window losses, windows)
-    batches = eval_batches(split, seq_len=cfg.model.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                           dp_rank=rank, dp_size=dp, max_windows=limit, on_error=cfg.data.on_error)  # fmt: skip
-    if hasattr(engine, "eval_batch"):
-        return _evaluate_pipeline(engine, list(batches), cfg, dp)
+    batches = eval_batches(split, seq_len=cfg.model.seq_len, micro_batch_size=layout.micro_batch_size,
+                           dp_rank=state.dp_rank, dp_size=dp, max_windows=limit,
+                           on_error=cfg.data.on_error)  # fmt: skip
+    if layout.pipeline:
+        return _evaluate_pipeline(engine, list(batches), layout)
     for x, y in batches:
         losses = engine(x.to(device), y.to(device), reduction="none")  # (B, T)
         loss_sum[0] += losses.mean(dim=1).sum().double()
         loss_sum[1] += x.shape[0]
-    dist.all_reduce(loss_sum, group=dp_group)
+    dist.all_reduce(loss_sum, group=state.dp_group)
     engine.train()
     val_loss = (loss_sum[0] / loss_sum[1]).item()
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_windows": int(loss_sum[1])}
 
 
-def _evaluate_pipeline(engine, batches: list, cfg: Config, dp: int) -> dict:
+def _evaluate_pipeline(engine, batches: list, layout: Layout) -> dict:
     """The pipeline engine's eval_batch: mean loss over full micro-batches, averaged over data-parallel ranks."""
-    full = [b for b in batches if b[0].shape[0] == cfg.train.micro_batch_size]  # its buffers have fixed shapes
+    full = [b for b in batches if b[0].shape[0] == layout.micro_batch_size]  # its buffers have fixed shapes
     loss = engine.eval_batch(iter(full), num_micro_batches=len(full)).item()
     engine.train()
-    windows = len(full) * cfg.train.micro_batch_size * dp
+    windows = len(full) * layout.micro_batch_size * layout.dp
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_windows": windows}
 
 
-class Progress:
-    """Rank-0 progress: a tqdm bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, cfg: Config, start_step: int, enabled: bool):
-        self.cfg, self.enabled, self.bar = cfg, enabled, None
-        mode = cfg.log.progress
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        if enabled and mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        self.t0, self.s0 = time.perf_counter(), start_step
-
-    def update(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        step, total = row["step"], self.cfg.train.max_steps
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
-            self.bar.update(step - self.bar.n)
-            return
-        rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
-        eta = (total - step) / rate if rate > 0 else float("nan")
-        print(f"step {step}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.3e} | "
-              f"{row['tokens_per_s']:,.0f} tok/s | eta {_fmt_secs(eta)}", flush=True)  # fmt: skip
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _fmt_secs(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    m, s = divmod(int(s), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 class Trainer:
-    """Owns the engine, data and writers of one run; `run()` trains to train.max_steps."""
+    """Owns the engine, data, writers and state of one run: `run()` trains to train.max_steps, `save()` and
+    `resume()` write and restore its checkpoints (weights, optimizer, schedule, loop and loader state, RNG)."""
 
-    def __init__(self, cfg: Config, engine, train: TrainBatches, val: Split | None, ctx: dict[str, Any]):
-        self.cfg, self.engine, self.train, self.val = cfg, engine, train, val
-        self.par = ctx["parallel"]  # ParallelState
-        self.rank, self.dp_rank, self.dp, self.device = ctx["rank"], self.par.dp_rank, self.par.dp, ctx["device"]
-        self.n_params = ctx["n_params"]
-        self.peak = ctx["peak_tflops"]
+    def __init__(self, cfg: Config, layout: Layout, state: ParallelState, engine, train: TrainBatches,
+                 val: Split | None, device: torch.device, peak_tflops: float | None):  # fmt: skip
+        self.cfg, self.layout, self.par, self.engine = cfg, layout, state, engine
+        self.train, self.val, self.device, self.peak = train, val, device, peak_tflops
+        self.rank = state.rank
         self.state = LoopState()
         check_log_backends(cfg)  # every rank fails alike, before the first step
         self.writer = MetricsWriter.from_config(cfg) if self.rank == 0 else None
         self.data_wait_s = 0.0  # this rank's seconds in train.next_step() since the last metrics row
-        self.flops_tok = flops_per_token(cfg.model, self.n_params)
+        self.flops_tok = flops_per_token(cfg.model, param_count(cfg.model)["matmul"])
         self.last_grad_norm: float | None = None
+
+    # ------------------------------------------------------------------------------------------ state and checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's position and the data loader's (the same on every rank); saved in every checkpoint."""
+        st = self.state
+        return {**st.state_dict(), "consumed_samples": st.consumed_tokens // self.cfg.model.seq_len,
+                "loader": self.train.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state.load_state_dict(state)
+        self.train.load_state_dict(state["loader"])
+
+    def save(self, log=print) -> Path:
+        """Collective: checkpoint the run at its current step into checkpoint.dir (see megalm.training.checkpoint)."""
+        cfg = self.cfg
+        meta = {**self.state_dict(), "config": cfg.to_dict()}
+        path = checkpoint.save(self.engine, cfg.checkpoint_dir, self.state.step, meta, cfg.checkpoint.keep_last,
+                               rng_tracker=self.par.rng, log=log)  # fmt: skip
+        log(f"saved checkpoint {path}")
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Collective: continue from checkpoint `path` (saved in this layout; train.init_from moves weights across)."""
+        lay = self.layout
+        checkpoint.check_layout(path, tp=lay.tp, pp=lay.pp, dp=lay.dp)
+        self.load_state_dict(checkpoint.load(self.engine, path, rng_tracker=self.par.rng))
+
+    # ------------------------------------------------------------------------------------------ the loop
 
     def log_row(self, step: int, losses: list[float], seconds: float, tokens: int) -> dict[str, Any]:
         """One metrics row for the interval that ended at `step` (grad norm of its last step)."""
@@ -191,7 +180,7 @@ class Trainer:
             "mem_bytes": memory_bytes(),
             "consumed_tokens": self.state.consumed_tokens,
             "data_wait_s": wait,  # seconds per step waiting for the next batch, mean over the interval and ranks
-            "skipped_samples": round(skipped * self.dp),  # summed over data-parallel ranks (tp/pp ranks read alike)
+            "skipped_samples": round(skipped * self.layout.dp),  # summed over dp ranks (tp/pp ranks read alike)
             **precision_scalars(self.engine),  # skipped_steps; loss_scale with fp16 only
         }
 
@@ -201,20 +190,20 @@ class Trainer:
         self.state.history.append(row)
         progress.update(row) if "loss" in row else None
 
-    def run(self, on_checkpoint, stop: StopSignals) -> LoopState:
+    def run(self, stop: StopSignals) -> LoopState:
         """Train from state.step to max_steps; evaluate and checkpoint on their intervals and at the end.
 
         A stop signal (preemption) ends the run after the current step with a checkpoint: state.preempted.
         """
         cfg, st = self.cfg, self.state
-        progress = Progress(cfg, st.step, enabled=self.rank == 0)
+        progress = Progress(cfg.log.progress, st.step, cfg.train.max_steps, enabled=self.rank == 0)
         losses: list[float] = []
         t_last, tok_last = time.perf_counter(), st.consumed_tokens
         while st.step < cfg.train.max_steps:
             t_data = time.perf_counter()
             micro_batches = self.train.next_step()
             self.data_wait_s += time.perf_counter() - t_data
-            loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.device, self.par.tp_group)
+            loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.device, self.layout, self.par)
             losses.append(loss)
             st.step += 1
             st.consumed_tokens += self.train.tokens_per_step
@@ -228,20 +217,20 @@ class Trainer:
                 t_last = time.perf_counter()  # eval time is not training throughput
             saved = (cfg.checkpoint.interval and st.step % cfg.checkpoint.interval == 0) or last
             if saved:
-                on_checkpoint(progress)
+                self.save(progress.message)
                 t_last = time.perf_counter()
             if not last and stop.agreed(self.device):
                 progress.message(f"stop signal ({stop.received.name if stop.received else 'on another rank'}): "
                                  f"saving a checkpoint at step {st.step} and exiting")  # fmt: skip
                 st.preempted = True
                 if not saved:
-                    on_checkpoint(progress)
+                    self.save(progress.message)
                 break
         progress.close()
         return st
 
     def run_eval(self, progress: Progress) -> None:
-        result = evaluate(self.engine, self.val, self.cfg, self.dp_rank, self.dp, self.device, self.par.dp_group)
+        result = evaluate(self.engine, self.val, self.cfg, self.layout, self.par, self.device)
         st = self.state
         st.best_val_loss = min(st.best_val_loss or math.inf, result["val_loss"])
         self.emit({"step": st.step, **result}, progress)

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from megalm.config import Layout
 from megalm.data.loader import TrainBatches, eval_batches, load_split
 from megalm.errors import MegalmError
 from tests.data.shardgen import rewrite_member, write_split
@@ -21,8 +22,10 @@ def split_dir(tmp_path):
 
 
 def make(path, on_error="raise", workers=0, **kw):
-    sizes = {"seq_len": 8, "micro_batch_size": 2, "grad_accum": 2, "dp_rank": 0, "dp_size": 1, "seed": 0} | kw
-    return TrainBatches(load_split(path, on_error=on_error), num_workers=workers, on_error=on_error, **sizes)
+    layout = Layout(micro_batch_size=2, grad_accum=kw.pop("grad_accum", 2))
+    sizes = {"seq_len": 8, "dp_rank": 0, "seed": 0} | kw
+    return TrainBatches(load_split(path, on_error=on_error), layout=layout, num_workers=workers, on_error=on_error,
+                        **sizes)  # fmt: skip
 
 
 def epoch(loader):
@@ -90,7 +93,7 @@ def test_a_corrupt_member_skips_only_what_it_cannot_read(split_dir):
     assert loader.take_stats()["skipped_samples"] == 1
     # Read through a pipe, nothing after the broken header can be found: the rest of the shard is skipped.
     split = load_split(split_dir, shards="pipe:cat " + str(split_dir / "shard-{000000..000007}.tar"))
-    loader = TrainBatches(split, seq_len=8, micro_batch_size=2, grad_accum=2, dp_rank=0, dp_size=1, seed=0,
+    loader = TrainBatches(split, seq_len=8, layout=Layout(micro_batch_size=2, grad_accum=2), dp_rank=0, seed=0,
                           on_error="skip")  # fmt: skip
     tokens = np.concatenate([x.numpy().ravel() for step in epoch(loader) for x, _ in step])
     assert not ((tokens >= 1150) & (tokens < 1500)).any()
@@ -120,10 +123,16 @@ def test_truncated_stream_is_caught_while_reading(split_dir):
     assert not split.shards[0].seekable and split.shards[1].url == f"pipe:cat {shard}"
     with pytest.raises(MegalmError, match=r"shard pipe:cat .*shard-000001\.tar: the file ends inside member "
                                           r"000001-000002\.tokens\.u32 \(.* bytes\): truncated"):  # fmt: skip
-        TrainBatches(split, seq_len=8, micro_batch_size=2, grad_accum=2, dp_rank=0, dp_size=1, seed=0).next_step()
+        TrainBatches(split, seq_len=8, layout=Layout(micro_batch_size=2, grad_accum=2), dp_rank=0, seed=0).next_step()
     shard.write_bytes(shard.read_bytes()[:2048])  # ends exactly after member 1
-    loader = TrainBatches(load_split(split_dir, shards=pattern, on_error="skip"), seq_len=8, micro_batch_size=2,
-                          grad_accum=2, dp_rank=0, dp_size=1, seed=0, on_error="skip")  # fmt: skip
+    loader = TrainBatches(
+        load_split(split_dir, shards=pattern, on_error="skip"),
+        seq_len=8,
+        layout=Layout(micro_batch_size=2, grad_accum=2),
+        dp_rank=0,
+        seed=0,
+        on_error="skip",
+    )
     epoch(loader)
     assert loader.take_stats()["skipped_samples"] == 8
     assert "ends after member 000001-000001.tokens.u32 with 2 samples, the manifest lists 10: truncated" in str(
@@ -134,7 +143,7 @@ def test_truncated_stream_is_caught_while_reading(split_dir):
 def test_failing_pipe_command_names_the_shard(split_dir):
     split = load_split(split_dir, shards="pipe:cat " + str(split_dir / "shard-{000000..000007}.tar"))
     split.shards[3].url = "pipe:cat /nonexistent/shard-000003.tar 2>/dev/null"
-    loader = TrainBatches(split, seq_len=8, micro_batch_size=2, grad_accum=2, dp_rank=0, dp_size=1, seed=0)
+    loader = TrainBatches(split, seq_len=8, layout=Layout(micro_batch_size=2, grad_accum=2), dp_rank=0, seed=0)
     with pytest.raises(MegalmError, match=r"shard pipe:cat /nonexistent/shard-000003\.tar"):
         epoch(loader)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import yaml
 
-from megalm.config import load_config
+from megalm.config import Layout, load_config
 from megalm.data.lanes import Mixer
 from megalm.data.loader import Blend, TrainBatches, load_blend
 from megalm.errors import MegalmError
@@ -23,7 +23,8 @@ def dirs(tmp_path_factory):
 
 
 def make(blend, *, rank=0, dp=1, ga=4, seed=0):
-    return TrainBatches(blend, seq_len=8, micro_batch_size=2, grad_accum=ga, dp_rank=rank, dp_size=dp, seed=seed)
+    layout = Layout(micro_batch_size=2, grad_accum=ga, dp=dp)
+    return TrainBatches(blend, seq_len=8, layout=layout, dp_rank=rank, seed=seed)
 
 
 def rows(loader):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from megalm.config import Layout
 from megalm.data import loader as loader_mod
 from megalm.data.lanes import Mixer
 from megalm.data.loader import LoaderSpec, TrainBatches, eval_batches, load_split, produce
@@ -24,7 +25,7 @@ def split(tmp_path_factory):
 
 def make(split, *, mbs=2, ga=2, rank=0, dp=1, seed=0, seq_len=8, workers=0, on_error="raise"):
     """TrainBatches with short keyword names."""
-    return TrainBatches(split, seq_len=seq_len, micro_batch_size=mbs, grad_accum=ga, dp_rank=rank, dp_size=dp,
+    return TrainBatches(split, seq_len=seq_len, layout=Layout(micro_batch_size=mbs, grad_accum=ga, dp=dp), dp_rank=rank,
                         seed=seed, num_workers=workers, on_error=on_error)  # fmt: skip
 
 

@@ -6,12 +6,13 @@ from collections import Counter
 import pytest
 import torch
 
+from megalm.config import Layout
 from megalm.data.loader import TrainBatches, load_split
 from tests.data.shardgen import write_split
 from tests.distributed import run_distributed
 
 N, M = 7, 9  # steps before and after the interruption
-SIZES = {"seq_len": 16, "micro_batch_size": 2, "seed": 5}  # global batch 8: grad_accum 2 x dp 2 x mbs 2
+SIZES = {"seq_len": 16, "seed": 5}  # global batch 8: grad_accum 2 x dp 2 x mbs 2
 
 
 def _rows(batches):
@@ -20,8 +21,8 @@ def _rows(batches):
 
 
 def _loader(path, rank, dp, workers):
-    return TrainBatches(load_split(path), grad_accum=8 // (2 * dp), dp_rank=rank, dp_size=dp, num_workers=workers,
-                        **SIZES)  # fmt: skip
+    layout = Layout(micro_batch_size=2, grad_accum=8 // (2 * dp), dp=dp)
+    return TrainBatches(load_split(path), layout=layout, dp_rank=rank, num_workers=workers, **SIZES)
 
 
 def check_resume_two_ranks_two_workers(rank, world_size, path, out):

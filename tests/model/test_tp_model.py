@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
-from megalm.model.transformer import GPT, Block, _Parallel
+from megalm.model.transformer import GPT, Block, ParallelContext
 from megalm.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding
 from tests.distributed import run_distributed
 
@@ -124,7 +124,7 @@ def check_collective_counts(rank: int, world_size: int, out: dict) -> None:
     for family in ("gpt2", "llama"):
         for sp in (False, True):
             cfg = ModelConfig(**CONFIGS[family])
-            block = Block(cfg, _Parallel(cfg, state, sp))
+            block = Block(ParallelContext(cfg, state, sequence_parallel=sp))
             T = cfg.seq_len // world_size if sp else cfg.seq_len
             x = torch.randn(2, T, cfg.d_model, requires_grad=True)
             counts.clear()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megalm.config import load_config
+from megalm.config import Layout, load_config
 from megalm.errors import MegalmError
 from megalm.training.engine import check_dtype_supported, deepspeed_config
 from tests.helpers import ok, run_pretrain, tiny_config, train_losses
@@ -15,19 +15,19 @@ FP16 = ["precision.dtype=fp16", "precision.initial_scale_power=12", "precision.l
 
 
 def test_fp16_keys_map_into_the_deepspeed_config():
-    ds = deepspeed_config(load_config(None, FP16), dp=1)
+    ds = deepspeed_config(load_config(None, FP16), Layout())
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0.0, "initial_scale_power": 12, "loss_scale_window": 200,
                           "hysteresis": 3, "min_loss_scale": 4}  # fmt: skip
     assert ds["bf16"] == {"enabled": False}
-    assert not deepspeed_config(load_config(None, []), dp=1)["fp16"]["enabled"]
-    static = deepspeed_config(load_config(None, [*FP16, "precision.loss_scale=1024"]), dp=1)
+    assert not deepspeed_config(load_config(None, []), Layout())["fp16"]["enabled"]
+    static = deepspeed_config(load_config(None, [*FP16, "precision.loss_scale=1024"]), Layout())
     assert static["fp16"]["loss_scale"] == 1024.0
 
 
 def test_deepspeed_reads_the_fp16_block_as_meant():
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    ds = DeepSpeedConfig(deepspeed_config(load_config(None, FP16), dp=1))
+    ds = DeepSpeedConfig(deepspeed_config(load_config(None, FP16), Layout()))
     fp16 = ds.float16_config
     assert fp16.enabled and not ds.bfloat16_config.enabled
     assert fp16.loss_scale == 0 and fp16.initial_dynamic_scale() == 2**12

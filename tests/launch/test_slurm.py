@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from launcher.slurm import add_slurm_args, render
 from megalm.errors import MegalmError
+from megalm.launch.slurm import add_slurm_args, render
 from tests.helpers import REPO
 
 TINY = str(REPO / "configs" / "tiny.yaml")

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.errors import MegalmError
+from megalm.launch.local import free_port
 
 DEFAULT_PORT = 29500
 
@@ -44,12 +45,6 @@ class Discovered:
     master_addr: str | None
     master_port: int | None
     how: str
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _int(env: Mapping[str, str], name: str) -> int:
@@ -131,7 +126,7 @@ def _agree_over_mpi(d: Discovered) -> Discovered:
     except ImportError as e:
         raise MegalmError(f"{d.how} without MASTER_ADDR/MASTER_PORT needs mpi4py to agree on a master "
                           f"({e}); pip install mpi4py, or export MASTER_ADDR and MASTER_PORT") from None  # fmt: skip
-    mine = (socket.gethostbyname(socket.gethostname()), _free_port()) if d.rank == 0 else None
+    mine = (socket.gethostbyname(socket.gethostname()), free_port()) if d.rank == 0 else None
     addr, port = MPI.COMM_WORLD.bcast(mine, root=0)
     return Discovered(d.rank, d.world_size, d.local_rank, d.master_addr or addr, d.master_port or port,
                       d.how + " + mpi4py rendezvous")  # fmt: skip
@@ -142,7 +137,7 @@ def resolve_rendezvous(d: Discovered) -> Discovered:
     if d.master_addr and d.master_port:
         return d
     if d.world_size == 1:
-        return Discovered(d.rank, 1, d.local_rank, d.master_addr or "127.0.0.1", d.master_port or _free_port(), d.how)
+        return Discovered(d.rank, 1, d.local_rank, d.master_addr or "127.0.0.1", d.master_port or free_port(), d.how)
     if d.how.startswith("mpirun"):
         return _agree_over_mpi(d)
     if not d.master_addr:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from launcher.env import Discovered, discover, first_slurm_host, resolve_rendezvous
 from megalm.errors import MegalmError
+from megalm.launch.env import Discovered, discover, first_slurm_host, resolve_rendezvous
 
 
 def test_torchrun_and_deepspeed_environment():
@@ -73,6 +73,6 @@ def test_missing_master_address_for_several_processes():
 
 @pytest.mark.parametrize("ranks, text", [([0], "0"), ([0, 1, 2, 5], "0-2,5"), ([1, 3, 4], "1,3-4")])
 def test_rank_ranges(ranks, text):
-    from launcher.env import _ranges
+    from megalm.launch.env import _ranges
 
     assert _ranges(ranks) == text

@@ -31,7 +31,7 @@ def cluster(tmp_path_factory):
 def write_job(tmp_path, config, *overrides: str):
     import argparse
 
-    from launcher.slurm import add_slurm_args, log_dir, render
+    from megalm.launch.slurm import add_slurm_args, log_dir, render
 
     parser = argparse.ArgumentParser()
     add_slurm_args(parser)

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, free_port, read_metrics, subprocess_env, tiny_config
+from megalm.launch.local import free_port
+from tests.helpers import REPO, read_metrics, subprocess_env, tiny_config
 
 pytestmark = pytest.mark.multiprocess
 

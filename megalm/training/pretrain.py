@@ -1,0 +1,198 @@
+"""Pretrain a megalm model: what `megalm train` and launcher/pretrain.py (the `deepspeed`/`torchrun` entry) run.
+
+    deepspeed launcher/pretrain.py --config configs/tiny.yaml [section.key=value ...]
+    python launcher/pretrain.py --config configs/tiny.yaml train.max_steps=20
+
+`train` reads top to bottom like a recipe: config -> processes and layout -> data -> model -> engine -> resume ->
+train -> report. The pieces own their parts: Config.layout the derived sizes, build_model the model in any layout,
+build_engine DeepSpeed, Trainer the loop, its state and its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch.distributed as dist
+import yaml
+
+from megalm.config import Config, Layout, load_config
+from megalm.data.loader import Blend, Split, TrainBatches, load_blend, load_split
+from megalm.errors import MegalmError
+from megalm.launch.env import DistInfo, device_for, init_distributed, node_map
+from megalm.launch.watchdog import Heartbeat, explain, is_collective_failure
+from megalm.model import build_model
+from megalm.model.transformer import param_count
+from megalm.parallel import ParallelState
+from megalm.training import checkpoint
+from megalm.training.engine import build_engine, init_deepspeed_comm, zero_stage
+from megalm.training.loop import LoopState, Trainer
+from megalm.training.metrics import check_log_backends, peak_tflops
+from megalm.training.signals import PREEMPTED_EXIT_CODE, StopSignals
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # The deepspeed launcher appends --local_rank=N; the rank also arrives in LOCAL_RANK.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def train(args: argparse.Namespace) -> int:
+    """The recipe. Returns the process exit code."""
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    check_log_backends(cfg)  # a missing wandb package fails here, before any process group or engine exists
+    info = init_distributed(cfg.train.collective_timeout_s)
+    layout = cfg.layout(info.world_size)
+    init_deepspeed_comm()  # DeepSpeed adopts the process group (the pipeline module needs it to build)
+    state = ParallelState(tp=layout.tp, pp=layout.pp)
+    device = device_for(info)
+
+    train_split, val_split = load_data(cfg)
+    batches = TrainBatches(train_split, layout=layout, dp_rank=state.dp_rank, seq_len=cfg.model.seq_len,
+                           seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                           on_error=cfg.data.on_error)  # fmt: skip
+    prepare_run_dir(cfg, info.rank)
+
+    model = build_model(cfg, layout, state).to(device)
+    state.seed(cfg.train.seed)  # dropout: the same default stream on TP ranks, a TP stream per rank
+    resume_path = checkpoint.resolve_resume(cfg.train.resume, cfg.checkpoint_dir)  # None: start fresh
+    if resume_path is None and cfg.train.init_from:
+        init_weights_from(cfg, layout, model, info.rank)
+    engine = build_engine(cfg, layout, model, state)
+
+    peak = peak_tflops(cfg.log.peak_tflops)
+    trainer = Trainer(cfg, layout, state, engine, batches, val_split, device, peak[0])
+    nodes = node_map()
+    if info.rank == 0:
+        print(describe(cfg, layout, info, nodes, batches, peak), flush=True)
+    if resume_path is not None:
+        trainer.resume(resume_path)
+        if info.rank == 0:
+            print(f"resumed from {resume_path} at step {trainer.state.step}", flush=True)
+    return report(cfg, run_watched(trainer, info), info.rank)
+
+
+def load_data(cfg: Config) -> tuple[Blend, Split | None]:
+    """The training sources (one split or a blend) and the validation split, checked against the model."""
+    train_data = load_blend(cfg.data.train, on_error=cfg.data.on_error)
+    val = load_split(cfg.data.val, on_error=cfg.data.on_error) if cfg.data.val is not None else None
+    for key, split in [("data.train", s) for s in train_data.splits] + [("data.val", val)]:
+        if split is None:
+            continue
+        if split.vocab_size > cfg.model.vocab_size:
+            raise MegalmError(f"{key}: shards in {split.path} use a vocabulary of {split.vocab_size} tokens but "
+                              f"model.vocab_size is {cfg.model.vocab_size}; raise model.vocab_size")  # fmt: skip
+        spec = split.tokenizer_spec
+        name = spec.get("path") if spec.get("type") == "hf" else spec.get("type")
+        if cfg.data.tokenizer and name != cfg.data.tokenizer:
+            raise MegalmError(f"{key}: shards in {split.path} were made with tokenizer '{name}', "
+                              f"but data.tokenizer is '{cfg.data.tokenizer}'")  # fmt: skip
+        if split.num_tokens <= cfg.model.seq_len:
+            raise MegalmError(f"{key}: {split.path} holds {split.num_tokens} tokens, fewer than one window of "
+                              f"model.seq_len+1 = {cfg.model.seq_len + 1}")  # fmt: skip
+    return train_data, val
+
+
+def prepare_run_dir(cfg: Config, rank: int) -> None:
+    if rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dist.barrier()
+
+
+def describe(cfg: Config, layout: Layout, info: DistInfo, nodes: str, batches: TrainBatches, peak: tuple) -> str:
+    sp = ", sequence parallel" if layout.sequence_parallel else ""
+    stage = zero_stage(cfg, layout)
+    zero = f"zero {stage}" if stage == cfg.zero.stage else f"zero {stage} (bf16 at zero.stage 0 runs as ZeRO-1)"
+    m = cfg.model
+    return (
+        f"megalm: {info.world_size} process(es) [{info.discovered_by}], backend {info.backend}, "
+        f"tp {layout.tp} pp {layout.pp} dp {layout.dp}{sp}, {zero}, {cfg.precision.dtype}\n"
+        f"nodes: {nodes}\n"
+        f"model: {m.family}, {param_count(m)['total'] / 1e6:.2f}M parameters, {m.n_layer} layers, "
+        f"d_model {m.d_model}, seq_len {m.seq_len}, attention {m.attention}\n"
+        f"batch: {layout.global_batch_size} sequences = {batches.tokens_per_step:,} tokens/step "
+        f"(micro {layout.micro_batch_size} x accum {layout.grad_accum} x dp {layout.dp}); "
+        f"{batches.steps_per_epoch} steps/epoch\n"
+        f"MFU peak: {peak[0] or 'n/a'} TFLOP/s ({peak[1]})\n"
+        f"run dir: {cfg.run_dir}"
+    )
+
+
+def init_weights_from(cfg: Config, layout: Layout, model, rank: int) -> None:
+    """Apply train.init_from: this rank's slice of full weights saved in any layout; everything else starts fresh."""
+    from megalm.convert.consolidate import load_with_source
+    from megalm.convert.reshard import check_same_model, load_into
+
+    source_cfg, full, src = load_with_source(cfg.train.init_from)
+    check_same_model(source_cfg.model, cfg.model, str(src.path))
+    load_into(model, full, cfg.model.n_layer, pipeline=layout.pipeline)
+    if rank == 0:
+        step = f"step {src.step}, " if src.step is not None else ""
+        print(f"initialised weights from {src.path} ({step}{src.layout}) into tp {layout.tp} pp {layout.pp} "
+              f"dp {layout.dp}: only the weights move; step, optimizer state, lr schedule and data loader start "
+              f"fresh", flush=True)  # fmt: skip
+
+
+def run_watched(trainer: Trainer, info: DistInfo) -> LoopState:
+    """trainer.run() with stop signals caught (preemption) and a dead or hung peer named by the heartbeats."""
+    stop = StopSignals()
+    heartbeat = Heartbeat().start() if info.world_size > 1 else None
+    try:
+        result = trainer.run(stop)
+    except RuntimeError as e:  # a peer died or a collective timed out: say which rank stopped
+        if not is_collective_failure(e):
+            raise
+        raise explain(e, heartbeat) from None
+    stop.restore()
+    trainer.close()
+    return result
+
+
+def report(cfg: Config, result: LoopState, rank: int) -> int:
+    """The closing lines on rank 0 and the exit code (PREEMPTED_EXIT_CODE after a stop signal)."""
+    if result.preempted:
+        if rank == 0:
+            print(f"preempted at step {result.step}: exit code {PREEMPTED_EXIT_CODE} (run again to resume)", flush=True)
+        return PREEMPTED_EXIT_CODE
+    if rank == 0:
+        best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+        skipped = sum(r.get("skipped_samples", 0) for r in result.history)
+        print(f"done: step {result.step}, {result.consumed_tokens:,} tokens, best val_loss {best}, "
+              f"{skipped} bad data samples skipped", flush=True)  # fmt: skip
+        print(f"  metrics: {cfg.run_dir / 'metrics.jsonl'}\n  checkpoints: {cfg.checkpoint_dir}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(parser)
+    return train(parser.parse_args(argv))
+
+
+def run_and_exit(main_fn=main, argv: list[str] | None = None) -> None:
+    """Run, report user errors in one line, and leave without waiting on gloo threads (see CPU-NOTES)."""
+    try:
+        code = main_fn(argv)
+    except MegalmError as e:
+        rank = os.environ.get("RANK", "0")
+        prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
+    except KeyboardInterrupt:
+        os._exit(130)
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run_and_exit()

@@ -196,6 +196,9 @@ class TrainConfig:
     """Seconds a collective may wait (a rank died or hangs) before the run fails, naming the rank that stopped."""
     eval_iters: int = 50
     """Evaluation reads the first eval_iters * global_batch_size windows of data.val (the same for any layout)."""
+    signal_check_interval: int = 10
+    """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1): a signal ends the run, with a
+    checkpoint, at the next multiple of this (or the last step); each agreement waits for the device once."""
 
 
 @dataclass
@@ -349,6 +352,7 @@ def _validate_model(cfg: Config) -> None:
         "model.vocab_size": m.vocab_size, "model.seq_len": m.seq_len, "train.max_steps": t.max_steps,
         "train.micro_batch_size": t.micro_batch_size, "train.global_batch_size": t.global_batch_size,
         "parallel.tp": cfg.parallel.tp, "parallel.pp": cfg.parallel.pp, "train.log_interval": t.log_interval,
+        "train.signal_check_interval": t.signal_check_interval,
     }  # fmt: skip
     for key, value in positive.items():
         if value <= 0:

@@ -110,24 +110,27 @@ class PipelineClippedAdamW(torch.optim.AdamW):
 
     DeepSpeed's fp32 pipeline path without ZeRO computes the norm per stage and counts parameters that are not
     TP-sharded only on the first stage, so clipping would differ from the unsplit model; its ZeRO and bf16
-    optimizers get it right. Here the norm is megalm.parallel.global_grad_norm over the tp x pp group.
+    optimizers get it right. Here the norm is megalm.parallel.global_grad_norm over the tp x pp group, and the
+    clipping happens on the device without reading the norm back (no host sync): the scale is 1 when the norm is
+    within max_norm, else max_norm / (norm + 1e-6), computed in fp64 as DeepSpeed's Python float would be.
     """
 
     def __init__(self, params, *, max_norm: float, state: ParallelState, **kwargs):
         super().__init__(params, **kwargs)
         self.max_norm, self.par_state = max_norm, state
-        self.last_grad_norm: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"]]
-        norm = global_grad_norm(params, self.par_state).item()
+        norm = global_grad_norm(params, self.par_state)
         self.last_grad_norm = norm
-        if self.max_norm > 0 and norm > self.max_norm:
-            scale = self.max_norm / (norm + 1e-6)
+        if self.max_norm > 0:
+            n = norm.double()
+            scale = torch.where(n > self.max_norm, self.max_norm / (n + 1e-6), torch.ones_like(n))
             for p in params:
                 if p.grad is not None:
-                    p.grad.mul_(scale)
+                    p.grad.mul_(scale)  # fp32 gradients (this optimizer serves fp32 only)
         return super().step(closure)
 
 

@@ -57,32 +57,52 @@ def _all_mean(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-               layout: Layout, state: ParallelState):  # fmt: skip
-    """Forward/backward every micro-batch, then one optimizer step; returns (this rank's mean loss, grad norm).
+def to_device(micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list[tuple]:
+    """The step's micro-batches on `device`; to a GPU from pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return [(x.to(device), y.to(device)) for x, y in micro_batches]
+    return [(x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
+            for x, y in micro_batches]  # fmt: skip
 
-    DeepSpeed reports the gradient norm itself except in plain fp32 without ZeRO; there it is measured here
-    after the last backward, when the gradients are averaged over data-parallel ranks and not yet clipped.
+
+def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], layout: Layout, state: ParallelState):
+    """Forward/backward every micro-batch (already on the device), then one optimizer step.
+
+    Returns (this rank's loss of each micro-batch as one device tensor, the gradient norm as DeepSpeed or
+    global_grad_norm gives it: a float, a 0-dim tensor or None). Nothing here waits for the device: the loop
+    reads both once per log interval. DeepSpeed reports the gradient norm itself except in plain fp32 without
+    ZeRO; there it is measured here after the last backward (averaged over dp ranks, not yet clipped).
     """
     if layout.pipeline:  # the pipeline engine runs the 1F1B schedule over the micro-batches
         loss = engine.train_batch(data_iter=iter(micro_batches))
         norm = engine.get_global_grad_norm()
         norm = getattr(engine.optimizer, "last_grad_norm", None) if norm is None else norm
-        return loss.item(), float(norm) if norm is not None else None
-    total, own_norm = 0.0, None
+        return loss.detach().reshape(1), norm
+    losses, own_norm = [], None
     for i, (x, y) in enumerate(micro_batches):
-        loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        loss = engine(x, y)
         engine.backward(loss)
         if (
             i == len(micro_batches) - 1
             and engine.zero_optimization_stage() == 0
             and not (engine.bfloat16_enabled() or engine.fp16_enabled())
         ):
-            own_norm = global_grad_norm(engine.module.parameters(), state).item()
+            own_norm = global_grad_norm(engine.module.parameters(), state)
         engine.step()
-        total += loss.item()
+        losses.append(loss.detach())
     norm = engine.get_global_grad_norm()
-    return total / len(micro_batches), float(norm) if norm is not None else own_norm
+    return torch.stack(losses), norm if norm is not None else own_norm
+
+
+def step_means(losses: list[torch.Tensor]) -> list[float]:
+    """Per-step mean losses from each step's per-micro-batch loss tensor: one device-to-host copy for all."""
+    flat = torch.cat([t.reshape(-1).float() for t in losses]).tolist()
+    out, i = [], 0
+    for t in losses:
+        n = t.numel()
+        out.append(sum(flat[i : i + n]) / n)
+        i += n
+    return out
 
 
 @torch.no_grad()
@@ -133,7 +153,7 @@ class Trainer:
         self.writer = MetricsWriter.from_config(cfg) if self.rank == 0 else None
         self.data_wait_s = 0.0  # this rank's seconds in train.next_step() since the last metrics row
         self.flops_tok = flops_per_token(cfg.model, param_count(cfg.model)["matmul"])
-        self.last_grad_norm: float | None = None
+        self.last_grad_norm: float | torch.Tensor | None = None  # of the last step, read when logged
 
     # ------------------------------------------------------------------------------------------ state and checkpoints
 
@@ -164,18 +184,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def log_row(self, step: int, losses: list[float], seconds: float, tokens: int) -> dict[str, Any]:
-        """One metrics row for the interval that ended at `step` (grad norm of its last step)."""
+    def log_row(self, step: int, losses: list[torch.Tensor], seconds: float, tokens: int) -> dict[str, Any]:
+        """One metrics row for the interval that ended at `step` (grad norm of its last step); the only place
+        a step's values are read back from the device."""
         data = self.train.take_stats()  # bad samples this rank skipped in the interval
+        per_step = step_means(losses)
         wait_per_step = self.data_wait_s / len(losses)
         self.data_wait_s = 0.0
-        loss, wait, skipped = _all_mean([sum(losses) / len(losses), wait_per_step, data["skipped_samples"]],
+        loss, wait, skipped = _all_mean([sum(per_step) / len(per_step), wait_per_step, data["skipped_samples"]],
                                         self.device)  # fmt: skip
+        norm = self.last_grad_norm
         return {
             "step": step,
             "loss": loss,
             "lr": self.engine.get_lr()[0],
-            "grad_norm": self.last_grad_norm,
+            "grad_norm": float(norm) if norm is not None else None,
             **throughput(tokens, seconds, self.flops_tok, dist.get_world_size(), self.peak),
             "mem_bytes": memory_bytes(),
             "consumed_tokens": self.state.consumed_tokens,
@@ -197,13 +220,13 @@ class Trainer:
         """
         cfg, st = self.cfg, self.state
         progress = Progress(cfg.log.progress, st.step, cfg.train.max_steps, enabled=self.rank == 0)
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []  # per step, on the device until the next metrics row
         t_last, tok_last = time.perf_counter(), st.consumed_tokens
         while st.step < cfg.train.max_steps:
             t_data = time.perf_counter()
-            micro_batches = self.train.next_step()
+            micro_batches = to_device(self.train.next_step(), self.device)
             self.data_wait_s += time.perf_counter() - t_data
-            loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.device, self.layout, self.par)
+            loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.layout, self.par)
             losses.append(loss)
             st.step += 1
             st.consumed_tokens += self.train.tokens_per_step
@@ -219,7 +242,7 @@ class Trainer:
             if saved:
                 self.save(progress.message)
                 t_last = time.perf_counter()
-            if not last and stop.agreed(self.device):
+            if not last and st.step % cfg.train.signal_check_interval == 0 and stop.agreed(self.device):
                 progress.message(f"stop signal ({stop.received.name if stop.received else 'on another rank'}): "
                                  f"saving a checkpoint at step {st.step} and exiting")  # fmt: skip
                 st.preempted = True

@@ -16,6 +16,7 @@ the saved log-sum-exp is in base 2 too. Fully masked rows store lse = +inf, so e
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -420,11 +421,26 @@ def _common_consts(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
     }
 
 
+AUTOTUNE_ENV = "MEGALM_ATTENTION_AUTOTUNE"
+"""Set to 0 to launch each kernel with its first-choice config instead of autotuning (one compile per shape key
+instead of one per candidate: what a time-boxed GPU check wants)."""
+_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+
+
+def _first_choice(name: str, head_dim: int) -> dict:
+    """The first config of the candidates for this head dim, as a fixed-config dict."""
+    c = (_LARGE_D_CONFIGS[name] if head_dim > 128 else _TABLES[name])[0]
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
 def _config_for(q: torch.Tensor, name: str, configs: dict | None) -> dict | None:
-    """A fixed config (from `configs`, or the interpreter's), or None to autotune on CUDA."""
+    """A fixed config (from `configs`, the interpreter's, or the first choice when autotuning is off via
+    MEGALM_ATTENTION_AUTOTUNE=0), or None to autotune on CUDA."""
     if configs is not None and name in configs:
         return configs[name]
-    return INTERPRET_CONFIGS[name] if interpreting(q) else None
+    if interpreting(q):
+        return INTERPRET_CONFIGS[name]
+    return _first_choice(name, q.shape[-1]) if os.environ.get(AUTOTUNE_ENV, "1") == "0" else None
 
 
 # --------------------------------------------------------------------------------------------------

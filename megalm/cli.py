@@ -113,3 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     except MegalmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # python -m megalm.cli ...
+    main()

@@ -199,6 +199,9 @@ class TrainConfig:
     signal_check_interval: int = 10
     """Steps between the ranks' agreement on stop signals (SIGTERM/SIGUSR1): a signal ends the run, with a
     checkpoint, at the next multiple of this (or the last step); each agreement waits for the device once."""
+    sync_debug: Literal["off", "warn", "error"] = "off"
+    """CUDA only: torch.cuda.set_sync_debug_mode around the training steps after the first: warn or raise on
+    every host-device sync inside a step (a debugging aid; the metrics rows and signal checks are outside)."""
 
 
 @dataclass
@@ -209,6 +212,8 @@ class CheckpointConfig:
     """Steps between checkpoints; 0 means only at the end of training."""
     keep_last: int = 2
     """How many recent checkpoints to keep; 0 keeps all."""
+    at_end: bool = True
+    """Save after the last step; false for throughput runs (a stop signal still saves, so no progress is lost)."""
 
 
 @dataclass

@@ -51,3 +51,16 @@ def test_wandb_missing_is_refused_before_training_starts(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "log.wandb" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists(), "nothing was started"
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    """`python -m megalm ...` and `python -m megalm.cli ...` do what `megalm ...` does (they used to exit 0 and do
+    nothing, which the GPU check's data preparation relied on)."""
+    write_corpus(tmp_path / "text", n_docs=2, words_per_doc=200)
+    for module in ("megalm", "megalm.cli"):
+        out = tmp_path / module
+        cmd = [sys.executable, "-m", module, "prepare", "--input", str(tmp_path / "text"), "--tokenizer", "bytes",
+               "--output", str(out)]  # fmt: skip
+        result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert (out / "train" / "manifest.json").is_file(), f"python -m {module} prepare wrote no shards"

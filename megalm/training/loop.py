@@ -6,8 +6,10 @@ with megalm.training.checkpoint, `resume` restores them; the entry point only bu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,20 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], l
         losses.append(loss.detach())
     norm = engine.get_global_grad_norm()
     return torch.stack(losses), norm if norm is not None else own_norm
+
+
+@contextlib.contextmanager
+def sync_debug(mode: str, device: torch.device) -> Iterator[None]:
+    """torch.cuda.set_sync_debug_mode(mode) inside the block (train.sync_debug; nothing off CUDA or when off)."""
+    if mode == "off" or device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
 
 
 def step_means(losses: list[torch.Tensor]) -> list[float]:
@@ -226,7 +242,8 @@ class Trainer:
             t_data = time.perf_counter()
             micro_batches = to_device(self.train.next_step(), self.device)
             self.data_wait_s += time.perf_counter() - t_data
-            loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.layout, self.par)
+            with sync_debug(cfg.train.sync_debug if st.step > 0 else "off", self.device):
+                loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.layout, self.par)
             losses.append(loss)
             st.step += 1
             st.consumed_tokens += self.train.tokens_per_step
@@ -238,7 +255,8 @@ class Trainer:
             if self.val is not None and ((cfg.train.eval_interval and st.step % cfg.train.eval_interval == 0) or last):
                 self.run_eval(progress)
                 t_last = time.perf_counter()  # eval time is not training throughput
-            saved = (cfg.checkpoint.interval and st.step % cfg.checkpoint.interval == 0) or last
+            at_interval = cfg.checkpoint.interval and st.step % cfg.checkpoint.interval == 0
+            saved = at_interval or (last and cfg.checkpoint.at_end)
             if saved:
                 self.save(progress.message)
                 t_last = time.perf_counter()

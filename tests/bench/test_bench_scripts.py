@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -50,7 +53,26 @@ def test_llama_1b_config():
 
 
 def test_gpu_check_script_parses():
-    subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
+    for script in ("gpu_check.sh", "gpu_wheels.sh"):
+        subprocess.run(["bash", "-n", str(REPO / "bench" / script)], check=True)
+
+
+def test_gpu_check_dry_run_runs_every_part_on_cpu(tmp_path):
+    """The GPU check's plumbing end to end at tiny sizes: data, both llama runs, kernels, fp16 (bf16 here), the
+    sync-debug run and the GPU tests (which skip on CPU); every part must end ok and report its figures."""
+    env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    parts = results["parts"]
+    assert list(parts) == ["env", "llama_flash", "llama_sdpa", "kernels", "fp16", "sync", "pytest_gpu"]
+    assert all(p["status"] == "ok" for p in parts.values()), parts
+    for name in ("llama_flash", "llama_sdpa"):
+        assert parts[name]["figures"]["steps"] == 4 and parts[name]["figures"]["tokens_per_s"] > 0
+    assert parts["env"]["figures"]["matmul_tflops"] > 0 and parts["fp16"]["figures"]["last"]["step"] == 6
+    assert "| llama_flash | ok |" in (tmp_path / "out" / "summary.md").read_text()
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOATS = {"qk_scale", "sm_scale", "scale", "scale_log2"}
+FLOATS = {"qk_scale", "sm_scale", "scale", "scale_log2", "eps", "z_loss_weight", "theta"}
 
 
 def compile_kernel(fn, ptr_types: dict, consts: dict, num_warps: int, num_stages: int):
@@ -120,10 +120,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+OP_MODULES = ("kernels.norm", "kernels.rope", "kernels.swiglu", "kernels.linear_cross_entropy")
+"""Kernel modules that list their own compile cases: `sm90_cases(dtypes)` yields (label, jit fn, pointer types,
+constexprs, num_warps, num_stages) for each launch config worth compiling."""
+
+
+def op_cases(args):
+    for name in OP_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # not written yet
+        yield from module.sm90_cases(args.dtypes)
+
+
 def main() -> int:
     args = parse_args()
     failures = 0
-    for cases in (flash_cases(args), softmax_cases(args)):
+    for cases in (flash_cases(args), softmax_cases(args), op_cases(args)):
         for label, fn, ptrs, consts, warps, stages in cases:
             t0 = time.time()
             try:

@@ -94,6 +94,13 @@ def test_two_processes_match_one_process(one_process_losses, tmp_path, launcher)
         assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, loss, losses[step])
 
 
+def test_checkpoint_at_end_false_saves_nothing_after_the_last_step(dataset, tmp_path):
+    config = tiny_config(tmp_path, dataset, train={"eval_interval": 0, "max_steps": 3})
+    out = _ok(run_pretrain(config, "checkpoint.at_end=false")).stdout
+    assert "done: step 3" in out and "saved checkpoint" not in out
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints" / "latest").exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_saves_a_checkpoint_and_exits_with_the_preemption_code(dataset, tmp_path, signum):
     config = tiny_config(tmp_path, dataset, train={"max_steps": 5000, "eval_interval": 0})

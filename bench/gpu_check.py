@@ -6,8 +6,9 @@
 
 Parts, in order of what they settle (a part that fails or runs out of time is reported; the rest still run):
   env          GPU, driver, versions; the measured bf16 matmul peak (8192^3) that MFU is also reported against
-  llama_flash  configs/llama_1b.yaml (1.1B, seq 4096, bf16), megalm's flash attention: tokens/s, TFLOP/s, MFU
-  llama_sdpa   the same with torch SDPA attention (the eager-ops baseline), side by side with llama_flash
+  llama_fused  configs/llama_1b.yaml (1.1B, seq 4096, bf16), megalm's fused path: flash attention and the fused
+               norm/RoPE/SwiGLU kernels (model.kernels=triton): tokens/s, TFLOP/s, MFU, peak memory
+  llama_eager  the same with torch SDPA attention and eager torch ops (model.kernels=torch), side by side
   kernels      bench/kernels.py: attention fwd and fwd+bwd vs SDPA's flash, cuDNN and efficient backends, softmax
   fp16         the tiny config in fp16 with dynamic loss scaling (fp16 training had never run)
   sync         the tiny config under train.sync_debug=warn: host syncs inside the training steps, counted
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_LLAMA = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2", "model.seq_len=64",
               "model.ffn_hidden=128", "train.micro_batch_size=2", "train.global_batch_size=2"]  # fmt: skip
 # name -> seconds wanted on the GPU (the budget is shared out in this order)
-PARTS = {"env": 20, "llama_flash": 120, "llama_sdpa": 90, "kernels": 90, "fp16": 30, "sync": 30, "pytest_gpu": 60}
+PARTS = {"env": 20, "llama_fused": 120, "llama_eager": 90, "kernels": 90, "fp16": 30, "sync": 30, "pytest_gpu": 60}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,12 +125,16 @@ def train_command(config: str, data: Path, run_dir: Path, overrides: list[str]) 
     return [sys.executable, str(REPO / "launcher" / "pretrain.py"), "--config", config, *base, *overrides]
 
 
-def llama_command(args, data: Path, tmp: Path, attention: str) -> list[str]:
+LLAMA_PATHS = {"fused": ["model.attention=flash", "model.kernels=triton"],
+               "eager": ["model.attention=sdpa", "model.kernels=torch"]}  # fmt: skip
+
+
+def llama_command(args, data: Path, tmp: Path, path: str) -> list[str]:
     steps = 4 if args.dry_run else args.llama_steps
-    over = [f"model.attention={attention}", f"train.max_steps={steps}", "train.log_interval=5", "optim.warmup_steps=5"]
+    over = [*LLAMA_PATHS[path], f"train.max_steps={steps}", "train.log_interval=5", "optim.warmup_steps=5"]
     if args.dry_run:  # on CPU "flash" runs the kernels' torch reference
         over += [*TINY_LLAMA, "train.log_interval=1"]
-    return train_command("configs/llama_1b.yaml", data, tmp / f"llama_{attention}", over)
+    return train_command("configs/llama_1b.yaml", data, tmp / f"llama_{path}", over)
 
 
 def tiny_command(args, data: Path, tmp: Path, name: str, extra: list[str]) -> list[str]:

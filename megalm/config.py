@@ -39,6 +39,8 @@ class ModelConfig:
     """Context length in tokens (also the training window length)."""
     attention: Literal["auto", "flash", "fused_softmax", "sdpa", "eager"] = "auto"
     """Attention path; auto means flash (Triton) on CUDA and sdpa elsewhere."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Norms, RoPE and SwiGLU: megalm's fused Triton kernels (triton) or eager torch ops; auto: triton on CUDA."""
     dropout: float = 0.0
     """Dropout probability on attention probabilities and residual branches."""
     rope_theta: float = 10000.0

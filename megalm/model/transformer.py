@@ -26,6 +26,7 @@ from megalm.config import ModelConfig
 from megalm.errors import MegalmError
 from megalm.model.context import VOCAB_MULTIPLE, ParallelContext
 from megalm.model.kv_cache import KVCache, LayerKVCache, cached_attention
+from megalm.model.ops import apply_rope, rope_tables, select_ops
 from megalm.parallel import (
     ParallelState,
     VocabParallelEmbedding,
@@ -34,7 +35,17 @@ from megalm.parallel import (
     vocab_parallel_cross_entropy,
 )
 
-__all__ = ["GPT", "VOCAB_MULTIPLE", "Block", "KVCache", "ParallelContext", "param_count", "param_groups"]
+__all__ = [
+    "GPT",
+    "VOCAB_MULTIPLE",
+    "Block",
+    "KVCache",
+    "ParallelContext",
+    "apply_rope",
+    "param_count",
+    "param_groups",
+    "rope_tables",
+]
 
 
 class Layer(nn.Module):
@@ -46,6 +57,7 @@ class Layer(nn.Module):
         if init_seed is not None:
             torch.manual_seed(init_seed)
         self.par, self.cfg = par, par.cfg
+        self.ops = select_ops(par.cfg.kernels)  # model.kernels: fused Triton ops or eager torch
 
 
 class Norm(Layer):
@@ -65,25 +77,8 @@ class Norm(Layer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.par.replicated(self.weight)
         if self.rms:
-            xf = x.float()
-            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (y * w.float()).type_as(x)
-        return F.layer_norm(x, (x.shape[-1],), w, self.par.replicated(self.bias), self.eps)
-
-
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (T, hd/2) in fp32; frequency i rotates the pair (x[i], x[i + hd/2])."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # (T, hd/2)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, nh, T, hd) by the position angles, "rotate-half" layout as in Hugging Face's Llama."""
-    T = x.shape[2]
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hd/2) each
-    c, s = cos[:T], sin[:T]  # (T, hd/2)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).type_as(x)
+            return self.ops.rms_norm(x, w, self.eps)
+        return self.ops.layer_norm(x, w, self.par.replicated(self.bias), self.eps)
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, dropout_p: float) -> torch.Tensor:
@@ -121,7 +116,7 @@ class Attention(Layer):
         B, T = q.shape[:2]  # T is the full sequence: the column-parallel layer gathered it under SP
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, n_local, T, hd)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self.ops.rope(q, k, *rope)
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -163,7 +158,7 @@ class MLP(Layer):
         h = self.up(x)  # (B, T, blocks*ffn/tp)
         if self.swiglu:
             gate, up = h.split(self.up.local_partition_sizes, dim=-1)
-            h = F.silu(gate) * up
+            h = self.ops.swiglu(gate, up)
         else:
             h = F.gelu(h, approximate="tanh")
         return self.par.dropout(self.down(h), self.cfg.dropout, self.training)

@@ -67,12 +67,12 @@ def test_gpu_check_dry_run_runs_every_part_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     parts = results["parts"]
-    assert list(parts) == ["env", "llama_flash", "llama_sdpa", "kernels", "fp16", "sync", "pytest_gpu"]
+    assert list(parts) == ["env", "llama_fused", "llama_eager", "kernels", "fp16", "sync", "pytest_gpu"]
     assert all(p["status"] == "ok" for p in parts.values()), parts
-    for name in ("llama_flash", "llama_sdpa"):
+    for name in ("llama_fused", "llama_eager"):
         assert parts[name]["figures"]["steps"] == 4 and parts[name]["figures"]["tokens_per_s"] > 0
     assert parts["env"]["figures"]["matmul_tflops"] > 0 and parts["fp16"]["figures"]["last"]["step"] == 6
-    assert "| llama_flash | ok |" in (tmp_path / "out" / "summary.md").read_text()
+    assert "| llama_fused | ok |" in (tmp_path / "out" / "summary.md").read_text()
 
 
 @pytest.mark.slow

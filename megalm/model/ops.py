@@ -1,0 +1,93 @@
+"""The model's normalisation and elementwise ops in two implementations, chosen by model.kernels:
+
+    torch   eager torch ops: the model's reference math (what the tests of every layout compare against)
+    triton  megalm's fused Triton kernels (kernels.rms_norm, layer_norm, rope, swiglu): fp32 statistics and
+            math in registers, fewer HBM round trips, smaller saved activations
+    auto    triton on a CUDA machine, torch elsewhere (the kernels' CPU fallback is their torch reference)
+
+Same signatures on both, so a layer reads `self.ops.rms_norm(x, w, eps)` whatever runs underneath. On fp32
+inputs the two agree to rounding; in bf16/fp16 the fused ops round once where eager torch rounds per op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, hd/2) in fp32; frequency i rotates the pair (x[i], x[i + hd/2])."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # (T, hd/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hd) by the position angles, "rotate-half" layout as in Hugging Face's Llama."""
+    T = x.shape[2]
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hd/2) each
+    c, s = cos[:T], sin[:T]  # (T, hd/2)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).type_as(x)
+
+
+class TorchOps:
+    """Eager torch."""
+
+    name = "torch"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (y * weight.float()).type_as(x)
+
+    @staticmethod
+    def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    @staticmethod
+    def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    @staticmethod
+    def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+
+class TritonOps:
+    """megalm's fused kernels (imported on first use: importing Triton costs a second)."""
+
+    name = "triton"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        import kernels
+
+        return kernels.rms_norm(x, weight, eps=eps)
+
+    @staticmethod
+    def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        import kernels
+
+        return kernels.layer_norm(x, weight, bias, eps=eps)
+
+    @staticmethod
+    def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        import kernels
+
+        return kernels.rope(q, k, cos, sin)
+
+    @staticmethod
+    def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        import kernels
+
+        return kernels.swiglu(gate, up)
+
+
+def select_ops(kind: str) -> type[TorchOps] | type[TritonOps]:
+    """The implementation model.kernels names (auto: triton when CUDA is available)."""
+    if kind == "auto":
+        kind = "triton" if torch.cuda.is_available() else "torch"
+    if kind not in ("torch", "triton"):
+        raise ValueError(f"model.kernels must be auto, triton or torch, got {kind!r}")
+    return TritonOps if kind == "triton" else TorchOps

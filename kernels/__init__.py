@@ -3,6 +3,7 @@ under TRITON_INTERPRET=1, set before this package is imported), the torch refere
 
 from kernels.flash_attention import flash_attention
 from kernels.fused_softmax import fused_softmax
+from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from kernels.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from kernels.reference import causal_mask, flash_attention_reference, fused_softmax_reference
 from kernels.rope import rope, rope_reference
@@ -15,6 +16,8 @@ __all__ = [
     "fused_softmax",
     "fused_softmax_reference",
     "layer_norm",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "layer_norm_reference",
     "rms_norm",
     "rms_norm_reference",

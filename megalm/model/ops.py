@@ -1,8 +1,9 @@
 """The model's normalisation and elementwise ops in two implementations, chosen by model.kernels:
 
     torch   eager torch ops: the model's reference math (what the tests of every layout compare against)
-    triton  megalm's fused Triton kernels (kernels.rms_norm, layer_norm, rope, swiglu): fp32 statistics and
-            math in registers, fewer HBM round trips, smaller saved activations
+    triton  megalm's fused Triton kernels (kernels.rms_norm, layer_norm, rope, swiglu, and the head matmul fused
+            with the loss, kernels.linear_cross_entropy, so the (tokens x vocab) logits never exist in full):
+            fp32 statistics and math in registers, fewer HBM round trips, smaller saved activations
     auto    triton on a CUDA machine, torch elsewhere (the kernels' CPU fallback is their torch reference)
 
 Same signatures on both, so a layer reads `self.ops.rms_norm(x, w, eps)` whatever runs underneath. On fp32
@@ -11,8 +12,15 @@ inputs the two agree to rounding; in bf16/fp16 the fused ops round once where ea
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+from megalm.parallel import vocab_parallel_cross_entropy
+
+if TYPE_CHECKING:
+    from megalm.model.context import ParallelContext
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +61,15 @@ class TorchOps:
     def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
 
+    @staticmethod
+    def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, par: ParallelContext,
+                     reduction: str) -> torch.Tensor:  # fmt: skip
+        """Cross-entropy of the head's logits h @ weight^T; h (B, T, d) on every TP rank, weight this rank's rows
+        of the padded vocabulary (padding never predicted)."""
+        logits = F.linear(h, weight)  # (B, T, V_local)
+        return vocab_parallel_cross_entropy(logits, targets, par.state, vocab_size=par.cfg.vocab_size,
+                                            reduction=reduction)  # fmt: skip
+
 
 class TritonOps:
     """megalm's fused kernels (imported on first use: importing Triton costs a second)."""
@@ -82,6 +99,16 @@ class TritonOps:
         import kernels
 
         return kernels.swiglu(gate, up)
+
+    @staticmethod
+    def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, par: ParallelContext,
+                     reduction: str) -> torch.Tensor:  # fmt: skip
+        import kernels
+
+        state = par.state
+        return kernels.linear_cross_entropy(h, weight, targets, vocab_start=state.tp_rank * weight.shape[0],
+                                            vocab_size=par.cfg.vocab_size, tp_group=state.tp_group,
+                                            reduction=reduction)  # fmt: skip
 
 
 def select_ops(kind: str) -> type[TorchOps] | type[TritonOps]:

@@ -207,6 +207,10 @@ class TokenEmbedding(Layer):
         """The tied head: this rank's vocabulary slice of the logits (B, T, V_padded/tp) from hidden states."""
         return F.linear(self.par.full_sequence(x), self.wte.weight)  # of (B, T, d)
 
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The tied head's cross-entropy (fused with the matmul under model.kernels=triton)."""
+        return self.ops.lm_head_loss(self.par.full_sequence(x), self.wte.weight, targets, self.par, reduction)
+
 
 class Positions(Layer):
     """Adds learned positions (gpt2; llama's RoPE lives in the attention) and applies the embedding dropout."""
@@ -243,8 +247,11 @@ class Head(Layer):
         with torch.no_grad():
             self.proj.weight.copy_(self.proj.shard(F.pad(master, (0, 0, 0, padded - cfg.vocab_size))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits, or with targets the cross-entropy (fused with the matmul under model.kernels=triton)."""
+        if targets is None:
+            return self.proj(x)
+        return self.ops.lm_head_loss(self.par.full_sequence(x), self.proj.weight, targets, self.par, reduction)
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -292,10 +299,10 @@ class GPT(nn.Module):
         else:
             for block in self.blocks:
                 x = block(x)
-        logits = self._local_logits(x)  # (B, T, V_local)
         if targets is None:
-            return self._full_logits(logits)
-        return lm_loss(logits, targets, self.par, reduction)
+            return self._full_logits(self._local_logits(x))
+        x = self.norm_f(x)
+        return self.embed.loss(x, targets, reduction) if self.head is None else self.head(x, targets, reduction)
 
     def _local_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and head (tied or not): this rank's vocabulary slice of the logits (B, T, V_padded/tp)."""

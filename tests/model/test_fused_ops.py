@@ -38,3 +38,29 @@ def test_auto_is_torch_without_cuda_and_bad_names_are_refused():
     assert select_ops("auto") is (TritonOps if torch.cuda.is_available() else TorchOps)
     with pytest.raises(ValueError, match="model.kernels"):
         select_ops("cuda")
+
+
+def check_fused_ops_at_tp2(rank: int, world_size: int) -> None:
+    from megalm.parallel import ParallelState
+
+    state = ParallelState(tp=world_size)
+    batch = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(2))
+    for family in ("gpt2", "llama"):
+        for sp in (False, True):
+            out = {}
+            for kind in ("torch", "triton"):
+                model = GPT(ModelConfig(**CONFIGS[family], kernels=kind), state, sequence_parallel=sp, seed=5)
+                loss = model(batch[:, :-1], batch[:, 1:])
+                loss.backward()
+                out[kind] = (loss.item(), {n: p.grad for n, p in model.named_parameters()})
+            assert out["triton"][0] == pytest.approx(out["torch"][0], rel=1e-6), (family, sp)
+            for name, g in out["torch"][1].items():
+                torch.testing.assert_close(out["triton"][1][name], g, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, n=f"{family} sp={sp} {name}": f"{n}: {m}")  # fmt: skip
+
+
+@pytest.mark.multiprocess
+def test_fused_ops_match_torch_ops_at_tp2_with_and_without_sequence_parallelism():
+    from tests.distributed import run_distributed
+
+    run_distributed(check_fused_ops_at_tp2, 2, timeout=240)

@@ -10,6 +10,7 @@ Parts, in order of what they settle (a part that fails or runs out of time is re
                norm/RoPE/SwiGLU kernels (model.kernels=triton): tokens/s, TFLOP/s, MFU, peak memory
   llama_eager  the same with torch SDPA attention and eager torch ops (model.kernels=torch), side by side
   kernels      bench/kernels.py: attention fwd and fwd+bwd vs SDPA's flash, cuDNN and efficient backends, softmax
+  ops          bench/ops.py: each fused op vs torch eager, torch.compile of it and Liger-Kernel (llama_1b shapes)
   fp16         the tiny config in fp16 with dynamic loss scaling (fp16 training had never run)
   sync         the tiny config under train.sync_debug=warn: host syncs inside the training steps, counted
   pytest_gpu   the tests marked gpu (kernels compiled for CUDA at full size)
@@ -39,13 +40,14 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_LLAMA = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2", "model.seq_len=64",
               "model.ffn_hidden=128", "train.micro_batch_size=2", "train.global_batch_size=2"]  # fmt: skip
 # name -> seconds wanted on the GPU (the budget is shared out in this order)
-PARTS = {"env": 20, "llama_fused": 120, "llama_eager": 90, "kernels": 90, "fp16": 30, "sync": 30, "pytest_gpu": 60}
+PARTS = {"env": 20, "llama_fused": 110, "llama_eager": 80, "kernels": 90, "ops": 60, "fp16": 30, "sync": 30,
+         "pytest_gpu": 60}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "bench" / "gpu_out")
-    p.add_argument("--budget", type=float, default=420.0, help="seconds for everything (default 7 minutes)")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 8 minutes)")
     p.add_argument("--dry-run", action="store_true", help="every part at tiny sizes on CPU")
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     p.add_argument("--llama-steps", type=int, default=30)
@@ -85,11 +87,13 @@ try:
     import triton; info["triton"] = triton.__version__
 except ImportError:
     info["triton"] = None
-for name in ("deepspeed", "webdataset", "liger_kernel"):
+import importlib.metadata
+for name, dist in (("deepspeed", "deepspeed"), ("webdataset", "webdataset"), ("liger_kernel", "liger-kernel")):
     try:
-        info[name] = __import__(name).__version__ if name != "liger_kernel" else "installed"
+        __import__(name)
+        info[name] = importlib.metadata.version(dist)
     except Exception as e:
-        info[name] = f"missing ({{type(e).__name__}})"
+        info[name] = f"missing ({{type(e).__name__}}: {{e}})"
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 n = 512 if {dry_run} or dev == "cpu" else 8192
 a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
@@ -150,6 +154,9 @@ def command_for(name: str, args, data: Path | None, tmp: Path, out: Path) -> tup
     if name == "kernels":
         extra = ["--device", "cpu", "--dry-run"] if args.dry_run else []
         return [sys.executable, str(REPO / "bench" / "kernels.py"), "--out", str(out / "kernels.json"), *extra], env
+    if name == "ops":
+        extra = ["--device", "cpu", "--dry-run", "--no-compile"] if args.dry_run else []
+        return [sys.executable, str(REPO / "bench" / "ops.py"), "--out", str(out / "ops.json"), *extra], env
     if name == "pytest_gpu":
         return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/kernels",
                 "tests/model"], env  # fmt: skip
@@ -212,6 +219,10 @@ def summarize(name: str, args, out: Path, tmp: Path, results: dict) -> dict:
     if name == "kernels" and (out / "kernels.json").is_file():
         k = json.loads((out / "kernels.json").read_text())
         return {"targets": k.get("targets"), "matmul_tflops": k.get("matmul_peak", {}).get("tflops")}
+    if name == "ops" and (out / "ops.json").is_file():
+        ops = json.loads((out / "ops.json").read_text())["ops"]
+        ratio = lambda r: r.get("megalm_time_ratio", r.get("error"))  # megalm's fwd+bwd time / this contender's
+        return {op: {r["contender"]: ratio(r) for r in rows} for op, rows in ops.items()}
     if name == "fp16":
         rows = metrics_rows(tmp / name)
         keys = ("step", "loss", "loss_scale", "skipped_steps")

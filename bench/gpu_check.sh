@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check (bench/gpu_check.py): installs the carried wheels, then runs every part within BUDGET
-# seconds (default 420). On the device tool, from the repository root:
+# seconds (default 480). On the device tool, from the repository root:
 #   bash bench/gpu_wheels.sh     # here, once: downloads/builds the wheels into bench/gpu_wheels/ (~6 MB)
 #   run(command="OUT=$OUT bash bench/gpu_check.sh", carry=["bench/gpu_wheels"], timeout_s=540)
 # Results: $OUT/results.json, $OUT/summary.md and a log per part. `bash bench/gpu_check.sh --dry-run` runs every
@@ -15,4 +15,4 @@ if compgen -G "bench/gpu_wheels/*.whl" >/dev/null && [[ " $* " != *" --dry-run "
   $PY -m pip install -q --no-index --no-deps --target "$site" bench/gpu_wheels/*.whl && export PYTHONPATH="$site:$PYTHONPATH" \
     || echo "gpu_check: installing the carried wheels failed; the training parts will say what is missing"
 fi
-exec $PY bench/gpu_check.py --out "$OUT" --budget "${BUDGET:-420}" "$@"
+exec $PY bench/gpu_check.py --out "$OUT" --budget "${BUDGET:-480}" "$@"

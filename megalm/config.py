@@ -41,6 +41,8 @@ class ModelConfig:
     """Attention path; auto means flash (Triton) on CUDA and sdpa elsewhere."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """Norms, RoPE and SwiGLU: megalm's fused Triton kernels (triton) or eager torch ops; auto: triton on CUDA."""
+    compile: bool = False
+    """torch.compile each Transformer block (megalm.model.compile); the first step's log line says how long."""
     dropout: float = 0.0
     """Dropout probability on attention probabilities and residual branches."""
     rope_theta: float = 10000.0
@@ -255,7 +257,7 @@ class Config:
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Expert settings merged last into the generated DeepSpeed config."""
     name: str = "default"
-    """Run name; set from the config file name."""
+    """Run name (runs/<name> by default): the config file's name, unless the file sets `name:` itself."""
     source: str = "<defaults>"
     """Where this config came from (file and overrides), for error messages."""
 
@@ -490,7 +492,7 @@ def _unknown_key(key: str, valid: list[str], src: str) -> MegalmError:
 def _fill(obj: Any, data: dict[str, Any], prefix: str, src: str) -> None:
     """Set fields of dataclass `obj` from `data`, recursing into nested sections."""
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj) if f.name not in ("name", "source")]
+    names = [f.name for f in dataclasses.fields(obj) if f.name != "source"]  # `name`: what --print-config writes
     if not isinstance(data, dict):
         raise MegalmError(f"config error in {src}: {prefix.rstrip('.') or 'top level'}: expected a mapping")
     for key, value in data.items():

@@ -64,3 +64,14 @@ def test_python_dash_m_runs_the_command(tmp_path):
         result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert (out / "train" / "manifest.json").is_file(), f"python -m {module} prepare wrote no shards"
+
+
+def test_print_config_output_loads_as_a_config(tmp_path):
+    """`megalm train --print-config > resolved.yaml` then `--config resolved.yaml` is the same run."""
+    first = megalm("train", "--config", str(REPO / "configs" / "tiny.yaml"), "--print-config", "train.max_steps=7")
+    assert first.returncode == 0, first.stderr
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(first.stdout)
+    again = megalm("train", "--config", str(resolved), "--print-config")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout and "name: tiny" in again.stdout

@@ -20,7 +20,7 @@ from megalm.convert.consolidate import layout_free_name, owners
 from megalm.errors import MegalmError
 from megalm.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-RUNTIME_ONLY = ("attention", "kernels", "dropout", "init_std")
+RUNTIME_ONLY = ("attention", "kernels", "compile", "dropout", "init_std")
 """ModelConfig fields that may differ between the source weights and the new run (they change no weight)."""
 
 

@@ -67,7 +67,7 @@ def test_gpu_check_dry_run_runs_every_part_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     parts = results["parts"]
-    assert list(parts) == ["env", "llama_fused", "llama_eager", "kernels", "fp16", "sync", "pytest_gpu"]
+    assert list(parts) == ["env", "llama_fused", "llama_eager", "kernels", "ops", "fp16", "sync", "pytest_gpu"]
     assert all(p["status"] == "ok" for p in parts.values()), parts
     for name in ("llama_fused", "llama_eager"):
         assert parts[name]["figures"]["steps"] == 4 and parts[name]["figures"]["tokens_per_s"] > 0

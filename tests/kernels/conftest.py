@@ -14,6 +14,17 @@ _ERRORS: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
 
 
 @pytest.fixture
+def triton_interpreter():
+    """For tests of the Triton kernels themselves: they must run in the interpreter, not the torch reference."""
+    import torch
+
+    from kernels._utils import INTERPRET_AT_IMPORT, use_triton
+
+    assert INTERPRET_AT_IMPORT, "kernel tests need TRITON_INTERPRET=1 before `kernels` is imported"
+    assert use_triton(torch.zeros(1)), "the public ops must dispatch to Triton in these tests"
+
+
+@pytest.fixture
 def record():
     """Record a kernels.testing.Comparison for the end-of-run error summary."""
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import kernels
-from kernels._utils import INTERPRET_AT_IMPORT, use_triton
 from kernels.testing import ABS_FLOOR, attention_inputs, check_flash_attention
 
 fa = importlib.import_module("kernels.flash_attention")  # the module; `kernels.flash_attention` is the op
@@ -20,10 +19,7 @@ fa = importlib.import_module("kernels.flash_attention")  # the module; `kernels.
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_on():
-    assert INTERPRET_AT_IMPORT, "kernel tests need TRITON_INTERPRET=1 before `kernels` is imported"
-    assert use_triton(torch.zeros(1)), "the public ops must dispatch to Triton in these tests"
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # tests/kernels/conftest.py
 
 
 def check(B, H, H_KV, T_Q, T_K, D, dtype, causal, record, **kwargs):

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import kernels
-from kernels._utils import INTERPRET_AT_IMPORT, use_triton
 from kernels.testing import check_fused_softmax
 
 fs = importlib.import_module("kernels.fused_softmax")  # the module; `kernels.fused_softmax` is the op
@@ -18,10 +17,7 @@ fs = importlib.import_module("kernels.fused_softmax")  # the module; `kernels.fu
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_on():
-    assert INTERPRET_AT_IMPORT, "kernel tests need TRITON_INTERPRET=1 before `kernels` is imported"
-    assert use_triton(torch.zeros(1)), "the public ops must dispatch to Triton in these tests"
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # tests/kernels/conftest.py
 
 
 def check_softmax(shape, dtype, causal, mask=None, max_block_n=None, record=None):

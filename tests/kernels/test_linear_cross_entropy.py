@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels._utils import INTERPRET_AT_IMPORT, use_triton
+from kernels._utils import INTERPRET_AT_IMPORT
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from kernels.testing import compare
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -30,10 +30,7 @@ FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_on():
-    assert INTERPRET_AT_IMPORT, "kernel tests need TRITON_INTERPRET=1 before `kernels` is imported"
-    assert use_triton(torch.zeros(1)), "the public ops must dispatch to Triton in these tests"
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # tests/kernels/conftest.py
 
 
 def make_inputs(lead, d, v_local, vocab_size, *, seed=0, h_scale=1.0, ignore_every=7):

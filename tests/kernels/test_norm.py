@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._utils import INTERPRET_AT_IMPORT, use_triton
 from kernels.norm import (
     MAX_HIDDEN,
     LayerNormFunction,
@@ -28,10 +27,7 @@ FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_on():
-    assert INTERPRET_AT_IMPORT, "kernel tests need TRITON_INTERPRET=1 before `kernels` is imported"
-    assert use_triton(torch.zeros(1)), "the public ops must dispatch to Triton in these tests"
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # tests/kernels/conftest.py
 
 
 def make_inputs(shape, dtype, bias=True, scale=1.0, offset=0.0, w_dtype=None, seed=0):

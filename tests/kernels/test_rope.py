@@ -11,7 +11,6 @@ import importlib
 import pytest
 import torch
 
-from kernels._utils import INTERPRET_AT_IMPORT, use_triton
 from kernels.testing import compare
 from megalm.model.transformer import apply_rope, rope_tables
 
@@ -21,10 +20,7 @@ rope, rope_reference = rp.rope, rp.rope_reference
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_on():
-    assert INTERPRET_AT_IMPORT, "kernel tests need TRITON_INTERPRET=1 before `kernels` is imported"
-    assert use_triton(torch.zeros(1)), "the public ops must dispatch to Triton in these tests"
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # tests/kernels/conftest.py
 
 
 def qkv_views(B, nh, nkv, T, hd, dtype, scale=1.0, seed=0):

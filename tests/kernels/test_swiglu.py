@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._utils import INTERPRET_AT_IMPORT, use_triton
 from kernels.testing import compare
 
 sw = importlib.import_module("kernels.swiglu")
@@ -22,10 +21,7 @@ swiglu, swiglu_reference = sw.swiglu, sw.swiglu_reference
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_on():
-    assert INTERPRET_AT_IMPORT, "kernel tests need TRITON_INTERPRET=1 before `kernels` is imported"
-    assert use_triton(torch.zeros(1)), "the public ops must dispatch to Triton in these tests"
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # tests/kernels/conftest.py
 
 
 def split_projection(shape, dtype, gate_scale=3.0, up_scale=1.0, seed=0):

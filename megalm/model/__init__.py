@@ -17,9 +17,15 @@ def build_model(cfg: Config, layout: Layout, state: ParallelState) -> torch.nn.M
     if layout.pipeline:
         from megalm.model.pipeline import build_pipeline  # imports DeepSpeed's pipeline engine
 
-        return build_pipeline(cfg, layout, state)
-    from megalm.model.transformer import GPT
+        model = build_pipeline(cfg, layout, state)
+    else:
+        from megalm.model.transformer import GPT
 
-    p = cfg.parallel
-    return GPT(cfg.model, state, layout.sequence_parallel, seed=cfg.train.seed, recompute=p.recompute,
-               recompute_interval=p.recompute_interval)  # fmt: skip
+        p = cfg.parallel
+        model = GPT(cfg.model, state, layout.sequence_parallel, seed=cfg.train.seed, recompute=p.recompute,
+                    recompute_interval=p.recompute_interval)  # fmt: skip
+    if cfg.model.compile:
+        from megalm.model.compile import compile_model  # each Transformer block with torch.compile
+
+        model = compile_model(model, cfg, layout)
+    return model

@@ -72,33 +72,34 @@ class TorchOps:
 
 
 class TritonOps:
-    """megalm's fused kernels (imported on first use: importing Triton costs a second)."""
+    """megalm's fused kernels, through kernels.custom_ops (torch.library ops: one opaque node each under
+    torch.compile, the same kernels and results eagerly). Imported on first use: importing Triton costs a second."""
 
     name = "triton"
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        import kernels
+        from kernels import custom_ops
 
-        return kernels.rms_norm(x, weight, eps=eps)
+        return custom_ops.rms_norm(x, weight, eps=eps)
 
     @staticmethod
     def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-        import kernels
+        from kernels import custom_ops
 
-        return kernels.layer_norm(x, weight, bias, eps=eps)
+        return custom_ops.layer_norm(x, weight, bias, eps=eps)
 
     @staticmethod
     def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        import kernels
+        from kernels import custom_ops
 
-        return kernels.rope(q, k, cos, sin)
+        return custom_ops.rope(q, k, cos, sin)
 
     @staticmethod
     def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        import kernels
+        from kernels import custom_ops
 
-        return kernels.swiglu(gate, up)
+        return custom_ops.swiglu(gate, up)
 
     @staticmethod
     def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, par: ParallelContext,

@@ -88,7 +88,9 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str,
     import kernels  # imports Triton: only when attention runs
 
     if kind == "flash" and dropout_p == 0.0:
-        return kernels.flash_attention(q, k, v, causal=True)
+        from kernels import custom_ops  # the flash kernels as a torch.library op (opaque to torch.compile)
+
+        return custom_ops.flash_attention(q, k, v, causal=True)
     if kind == "sdpa":
         group = q.shape[1] // k.shape[1]
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=group > 1)

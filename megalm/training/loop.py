@@ -237,6 +237,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         progress = Progress(cfg.log.progress, st.step, cfg.train.max_steps, enabled=self.rank == 0)
         losses: list[torch.Tensor] = []  # per step, on the device until the next metrics row
+        compile_reported = not cfg.model.compile
         t_last, tok_last = time.perf_counter(), st.consumed_tokens
         while st.step < cfg.train.max_steps:
             t_data = time.perf_counter()
@@ -245,6 +246,9 @@ class Trainer:
             with sync_debug(cfg.train.sync_debug if st.step > 0 else "off", self.device):
                 loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.layout, self.par)
             losses.append(loss)
+            if not compile_reported:  # this process's first step compiled the blocks (model.compile)
+                progress.message(self.compile_report())
+                compile_reported = True
             st.step += 1
             st.consumed_tokens += self.train.tokens_per_step
             last = st.step == cfg.train.max_steps
@@ -269,6 +273,12 @@ class Trainer:
                 break
         progress.close()
         return st
+
+    def compile_report(self) -> str:
+        """The first step's line under model.compile: how long torch.compile took (forward and backward)."""
+        from megalm.model.compile import compile_seconds
+
+        return f"model.compile: the first step compiled the blocks in {compile_seconds():.1f} s (forward and backward)"
 
     def run_eval(self, progress: Progress) -> None:
         result = evaluate(self.engine, self.val, self.cfg, self.layout, self.par, self.device)

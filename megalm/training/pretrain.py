@@ -23,6 +23,7 @@ from megalm.errors import MegalmError
 from megalm.launch.env import DistInfo, device_for, init_distributed, node_map
 from megalm.launch.watchdog import Heartbeat, explain, is_collective_failure
 from megalm.model import build_model
+from megalm.model.compile import check_compile
 from megalm.model.transformer import param_count
 from megalm.parallel import ParallelState
 from megalm.training import checkpoint
@@ -49,6 +50,7 @@ def train(args: argparse.Namespace) -> int:
     check_log_backends(cfg)  # a missing wandb package fails here, before any process group or engine exists
     info = init_distributed(cfg.train.collective_timeout_s)
     layout = cfg.layout(info.world_size)
+    check_compile(cfg, layout)  # model.compile refuses what it cannot run before any data or model is built
     init_deepspeed_comm()  # DeepSpeed adopts the process group (the pipeline module needs it to build)
     state = ParallelState(tp=layout.tp, pp=layout.pp)
     device = device_for(info)

@@ -101,6 +101,15 @@ def test_checkpoint_at_end_false_saves_nothing_after_the_last_step(dataset, tmp_
     assert not (tmp_path / "runs" / "tiny" / "checkpoints" / "latest").exists()
 
 
+def test_model_compile_trains_like_eager_and_reports_the_compile_time(dataset, tmp_path, one_process_losses):
+    config, eager = one_process_losses
+    run_dir = tmp_path / "runs" / "compiled"
+    out = _ok(run_pretrain(config, "model.compile=true", f"train.run_dir={run_dir}")).stdout
+    assert "model.compile: the first step compiled the blocks in " in out
+    compiled = train_losses(run_dir)
+    assert max(abs(compiled[s] - eager[s]) / eager[s] for s in eager) < 1e-5
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_saves_a_checkpoint_and_exits_with_the_preemption_code(dataset, tmp_path, signum):
     config = tiny_config(tmp_path, dataset, train={"max_steps": 5000, "eval_interval": 0})

@@ -364,8 +364,8 @@ _DKDV_CONFIGS = [  # 4-warp configs with BLOCK_N = 128 spill registers at D >= 6
     _cfg(32, 128, 8, 3), _cfg(32, 128, 8, 4), _cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2),
     _cfg(32, 64, 4, 3), _cfg(64, 64, 8, 3), _cfg(32, 64, 4, 4), _cfg(16, 64, 4, 4),
 ]  # fmt: skip
-_DQ_CONFIGS = [
-    _cfg(128, 32, 4, 3), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2),
+_DQ_CONFIGS = [  # first choice 8 warps: with 4 warps 128x32 spills at D = 128 under Triton 3.6 (sm90_compile.py)
+    _cfg(128, 32, 8, 3), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2),
     _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3), _cfg(128, 16, 4, 4), _cfg(64, 16, 4, 4),
 ]  # fmt: skip
 # Head dims above 128 (256): smaller tiles, 8 warps, 2 stages, or shared memory and registers run out.

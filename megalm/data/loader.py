@@ -349,21 +349,23 @@ class TrainBatches:
         if state.get("version") != STATE_VERSION:
             raise MegalmError(
                 f"cannot resume the data loader: its saved state has format version {state.get('version')}, this "
-                f"loader reads version {STATE_VERSION}; start a new run (train.resume=none)"
+                f"loader reads version {STATE_VERSION}; start a new run with train.run_dir=<a new directory>"
             )
         now = self.state_dict()
         for key in ("seq_len", "global_batch_size", "seed", "block_windows"):
             if state[key] != now[key]:
                 raise MegalmError(
                     f"cannot resume the data loader: saved {key} is {state[key]}, now {now[key]} "
-                    f"(data {self.split.path}); keep {key} as it was or start a new run"
+                    f"(data {self.split.path}); keep {key} as it was, or start a new run with "
+                    "train.run_dir=<a new directory>"
                 )
         if [{k: v for k, v in s.items() if k != "path"} for s in state["sources"]] != [
             {k: v for k, v in s.items() if k != "path"} for s in now["sources"]
         ]:
             raise MegalmError(
                 f"cannot resume the data loader: the training data or blend weights changed (saved "
-                f"{state['sources']}, now {now['sources']}); use the same data.train or start a new run"
+                f"{state['sources']}, now {now['sources']}); use the same data.train, or start a new run with "
+                "train.run_dir=<a new directory>"
             )
         self.mixer = Mixer(self.blend.weights, self.global_batch_size, self.seed, np.array(state["counters"]))
         self._step = int(state["step"])

@@ -42,6 +42,7 @@ class LoopState:
     consumed_tokens: int = 0
     best_val_loss: float | None = None
     preempted: bool = False
+    stop_signal: str | None = None  # the signal that ended the run early (SIGTERM, SIGUSR1, SIGINT), when known
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -268,6 +269,7 @@ class Trainer:
                 progress.message(f"stop signal ({stop.received.name if stop.received else 'on another rank'}): "
                                  f"saving a checkpoint at step {st.step} and exiting")  # fmt: skip
                 st.preempted = True
+                st.stop_signal = stop.received.name if stop.received else None
                 if not saved:
                     self.save(progress.message)
                 break

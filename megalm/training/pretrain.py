@@ -11,8 +11,10 @@ build_engine DeepSpeed, Trainer the loop, its state and its checkpoints.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 import yaml
@@ -30,7 +32,7 @@ from megalm.training import checkpoint
 from megalm.training.engine import build_engine, init_deepspeed_comm, zero_stage
 from megalm.training.loop import LoopState, Trainer
 from megalm.training.metrics import check_log_backends, peak_tflops
-from megalm.training.signals import PREEMPTED_EXIT_CODE, StopSignals
+from megalm.training.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, StopSignals
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -73,10 +75,8 @@ def train(args: argparse.Namespace) -> int:
     nodes = node_map()
     if info.rank == 0:
         print(describe(cfg, layout, info, nodes, batches, peak), flush=True)
-    if resume_path is not None:
-        trainer.resume(resume_path)
-        if info.rank == 0:
-            print(f"resumed from {resume_path} at step {trainer.state.step}", flush=True)
+    if resume_path is not None and not resume(cfg, trainer, resume_path, info.rank):
+        return 0  # already at train.max_steps: said so
     return report(cfg, run_watched(trainer, info), info.rank)
 
 
@@ -142,6 +142,22 @@ def init_weights_from(cfg: Config, layout: Layout, model, rank: int) -> None:
               f"fresh", flush=True)  # fmt: skip
 
 
+def resume(cfg: Config, trainer: Trainer, path: Path, rank: int) -> bool:
+    """Continue from checkpoint `path`; False (and one line saying so) when it is already at train.max_steps."""
+    trainer.resume(path)
+    step = trainer.state.step
+    if rank == 0:
+        print(f"resumed from {path} at step {step}", flush=True)
+    if step < cfg.train.max_steps:
+        return True
+    trainer.close()
+    if rank == 0:
+        print(f"nothing to train: the run in {cfg.run_dir} is at step {step} and train.max_steps is "
+              f"{cfg.train.max_steps}. To train it further, raise train.max_steps; to start a new run, set "
+              f"train.run_dir=<a new directory>", flush=True)  # fmt: skip
+    return False
+
+
 def run_watched(trainer: Trainer, info: DistInfo) -> LoopState:
     """trainer.run() with stop signals caught (preemption) and a dead or hung peer named by the heartbeats."""
     stop = StopSignals()
@@ -159,6 +175,11 @@ def run_watched(trainer: Trainer, info: DistInfo) -> LoopState:
 
 def report(cfg: Config, result: LoopState, rank: int) -> int:
     """The closing lines on rank 0 and the exit code (PREEMPTED_EXIT_CODE after a stop signal)."""
+    if result.preempted and result.stop_signal == "SIGINT":
+        if rank == 0:
+            print(f"interrupted (Ctrl-C) at step {result.step}: checkpoint saved in {cfg.checkpoint_dir}; run the same "
+                  f"command again to continue", flush=True)  # fmt: skip
+        return INTERRUPTED_EXIT_CODE
     if result.preempted:
         if rank == 0:
             print(f"preempted at step {result.step}: exit code {PREEMPTED_EXIT_CODE} (run again to resume)", flush=True)
@@ -178,6 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     return train(parser.parse_args(argv))
 
 
+def first_to_report(message: str) -> bool:
+    """Whether this rank is the first to report `message` (counted in the rendezvous store); True without one."""
+    if not dist.is_initialized():
+        return True
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        key = "megalm-error-" + hashlib.sha256(message.encode()).hexdigest()[:16]
+        return store.add(key, 1) == 1
+    except Exception:  # no store reachable (the master is gone): better twice than never
+        return True
+
+
 def run_and_exit(main_fn=main, argv: list[str] | None = None) -> None:
     """Run, report user errors in one line, and leave without waiting on gloo threads (see CPU-NOTES)."""
     try:
@@ -185,7 +218,8 @@ def run_and_exit(main_fn=main, argv: list[str] | None = None) -> None:
     except MegalmError as e:
         rank = os.environ.get("RANK", "0")
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        if first_to_report(str(e)):  # the same error on every rank prints once
+            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         os._exit(2)
     except KeyboardInterrupt:
         os._exit(130)

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM or SIGUSR1 (SLURM's pre-kill signal) ends the run cleanly at the next step boundary.
+"""Preemption: SIGTERM or SIGUSR1 (SLURM's pre-kill signal), or Ctrl-C (SIGINT), ends the run cleanly at the next
+signal check (train.signal_check_interval steps); a second Ctrl-C exits at once, without saving.
 
 The handler only records the signal; at each step boundary the ranks agree (one all-reduce of a flag), so a
 signal that reached any rank stops all of them after the same step. The run then saves a checkpoint and
@@ -8,12 +9,14 @@ exits with PREEMPTED_EXIT_CODE, which the sbatch script answers with a requeue.
 from __future__ import annotations
 
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "temporary failure, try again"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+INTERRUPTED_EXIT_CODE = 130  # after Ctrl-C, as a shell reports it (128 + SIGINT)
 
 
 class StopSignals:
@@ -24,6 +27,11 @@ class StopSignals:
         self._previous = {s: signal.signal(s, self._record) for s in signals}
 
     def _record(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: leave now (the entry point exits 130 without saving)
+        if signum == signal.SIGINT:
+            print("Ctrl-C: finishing the current steps, then saving a checkpoint (press Ctrl-C again to exit at once, "
+                  "without saving)", file=sys.stderr, flush=True)  # fmt: skip
         self.received = signal.Signals(signum)
 
     def agreed(self, device: torch.device) -> bool:

@@ -94,6 +94,14 @@ def test_two_processes_match_one_process(one_process_losses, tmp_path, launcher)
         assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, loss, losses[step])
 
 
+def test_an_error_every_rank_meets_is_printed_once(dataset, tmp_path):
+    config = tiny_config(tmp_path, dataset)
+    result = run_pretrain(config, f"data.train={tmp_path / 'nowhere'}", launcher=_launcher_cmd("torchrun"))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line and "nowhere" in line]
+    assert len(errors) == 1, result.stderr
+
+
 def test_checkpoint_at_end_false_saves_nothing_after_the_last_step(dataset, tmp_path):
     config = tiny_config(tmp_path, dataset, train={"eval_interval": 0, "max_steps": 3})
     out = _ok(run_pretrain(config, "checkpoint.at_end=false")).stdout
@@ -108,6 +116,34 @@ def test_model_compile_trains_like_eager_and_reports_the_compile_time(dataset, t
     assert "model.compile: the first step compiled the blocks in " in out
     compiled = train_losses(run_dir)
     assert max(abs(compiled[s] - eager[s]) / eager[s] for s in eager) < 1e-5
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_continue_and_exits_130(dataset, tmp_path):
+    config = tiny_config(tmp_path, dataset, train={"max_steps": 5000, "eval_interval": 0})
+    run_dir = tmp_path / "runs" / "tiny"
+    proc = start_pretrain(config)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, f"stdout:\n{out}\nstderr:\n{err}"
+    assert "press Ctrl-C again to exit at once" in err
+    step = int(out.split("interrupted (Ctrl-C) at step ")[1].split(":")[0])
+    assert "run the same command again to continue" in out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+
+
+def test_a_finished_run_says_there_is_nothing_to_train_and_how_to_start_a_new_one(dataset, tmp_path):
+    config = tiny_config(tmp_path, dataset, train={"eval_interval": 0, "max_steps": 3})
+    _ok(run_pretrain(config))
+    rows = len(read_metrics(tmp_path / "runs" / "tiny"))
+    out = _ok(run_pretrain(config)).stdout
+    assert "nothing to train: the run in" in out and "is at step 3 and train.max_steps is 3" in out
+    assert "raise train.max_steps" in out and "train.run_dir=<a new directory>" in out and "done:" not in out
+    assert len(read_metrics(tmp_path / "runs" / "tiny")) == rows
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])

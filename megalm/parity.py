@@ -20,6 +20,7 @@ code is 1 when any layout fails or exceeds --tolerance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -50,6 +51,7 @@ class Layout:
     dp: int = 1
     zero: int = 0
     recompute: str = "none"
+    micro_batch_size: int | None = None  # set by fit_micro_batch when the config's does not fit this dp
 
     @property
     def world(self) -> int:
@@ -62,8 +64,9 @@ class Layout:
 
     def overrides(self) -> list[str]:
         """The config overrides that select this layout (dp follows from the number of processes)."""
+        micro = [f"train.micro_batch_size={self.micro_batch_size}"] if self.micro_batch_size else []
         return [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"zero.stage={self.zero}",
-                f"parallel.recompute={self.recompute}"]  # fmt: skip
+                f"parallel.recompute={self.recompute}", *micro]  # fmt: skip
 
 
 BASELINE = Layout()
@@ -106,6 +109,17 @@ def run_overrides(user: list[str], steps: int, run_dir: Path) -> list[str]:
     return [*user, f"train.max_steps={steps}", "train.log_interval=1", "train.eval_interval=0", "data.val=null",
             "train.resume=none", f"train.run_dir={run_dir}", "log.tensorboard=false", "log.progress=lines",
             "checkpoint.keep_last=1"]  # fmt: skip
+
+
+def fit_micro_batch(layout: Layout, global_batch: int, micro: int) -> tuple[Layout, str | None]:
+    """`layout` with the largest micro batch <= `micro` that makes micro x dp divide the global batch (the loss curve
+    depends on the global batch only), and a line saying so; unchanged when the config's micro batch fits."""
+    if global_batch % (micro * layout.dp) == 0 or global_batch % layout.dp:
+        return layout, None
+    fit = max(m for m in range(1, micro + 1) if (global_batch // layout.dp) % m == 0)
+    note = (f"{layout.label}: train.micro_batch_size={fit} instead of {micro}, so that micro x dp divides the "
+            f"global batch {global_batch}")  # fmt: skip
+    return dataclasses.replace(layout, micro_batch_size=fit), note
 
 
 def skip_reason(config: str, overrides: list[str], layout: Layout, max_procs: int | None) -> str | None:
@@ -235,6 +249,9 @@ def check_parity(args: argparse.Namespace) -> int:
         raise MegalmError(f"the baseline {baseline.label} failed: {base.error} (log in {out})")
     outcomes = []
     for layout in layouts:
+        layout, note = fit_micro_batch(layout, cfg.train.global_batch_size, cfg.train.micro_batch_size)
+        if note:
+            print(note, flush=True)
         if layout == baseline:
             outcomes.append(base)
         elif reason := skip_reason(args.config, args.overrides, layout, args.max_procs):
@@ -243,7 +260,11 @@ def check_parity(args: argparse.Namespace) -> int:
             outcomes.append(_announce(run_layout(args, layout, out)))
     table, all_ok = format_table(base, outcomes, args.tolerance)
     print(table, flush=True)
-    print(f"{'all layouts match' if all_ok else 'PARITY FAILED'} (tolerance {args.tolerance:g})", flush=True)
+    skipped = sum(1 for o in outcomes if o.skipped)
+    verdict = "all layouts match"
+    if skipped:
+        verdict = f"the {len(outcomes) - skipped} layouts that ran match; {skipped} skipped (see SKIP above)"
+    print(f"{verdict if all_ok else 'PARITY FAILED'} (tolerance {args.tolerance:g})", flush=True)
     return 0 if all_ok else 1
 
 

@@ -470,8 +470,15 @@ def run_prepare(args: argparse.Namespace) -> int:
                         shard_tokens=args.shard_tokens, on_error=args.on_error, workers=args.workers,
                         clean=clean)  # fmt: skip
     for split, m in manifests.items():
-        print(
-            f"{split}: {m['num_tokens']:,} tokens, {m['num_documents']:,} documents, "
-            f"{len(m['shards'])} shards -> {Path(args.output) / split}"
-        )
+        counts = [
+            plural(m["num_tokens"], "token"),
+            plural(m["num_documents"], "document"),
+            plural(len(m["shards"]), "shard"),
+        ]
+        print(f"{split}: {', '.join(counts)} -> {Path(args.output) / split}")
     return 0
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 document', '2,048 documents'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

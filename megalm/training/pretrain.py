@@ -122,8 +122,8 @@ def describe(cfg: Config, layout: Layout, info: DistInfo, nodes: str, batches: T
         f"batch: {layout.global_batch_size} sequences = {batches.tokens_per_step:,} tokens/step "
         f"(micro {layout.micro_batch_size} x accum {layout.grad_accum} x dp {layout.dp}); "
         f"{batches.steps_per_epoch} steps/epoch\n"
-        f"MFU peak: {peak[0] or 'n/a'} TFLOP/s ({peak[1]})\n"
-        f"run dir: {cfg.run_dir}"
+        + (f"MFU peak: {peak[0]} TFLOP/s ({peak[1]})\n" if peak[0] else f"MFU: not computed, peak {peak[1]}\n")
+        + f"run dir: {cfg.run_dir}"
     )
 
 

@@ -260,3 +260,10 @@ def test_parse_count_and_cli(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("train: ") and lines[1].endswith(str(out / "val"))
     assert json.loads((out / "val" / "manifest.json").read_text())["shards"][0]["num_samples"] == 5
+
+
+def test_counts_are_said_in_the_singular_when_there_is_one():
+    from megalm.data.prepare import plural
+
+    assert [plural(1, "document"), plural(0, "shard"), plural(2048, "token")] == ["1 document", "0 shards",
+                                                                                  "2,048 tokens"]  # fmt: skip

@@ -118,7 +118,8 @@ def test_check_parity_pp4_and_tp2_dp2_zero3(dataset, tmp_path):
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("(")}
     assert rows["(1,4,1,0)"].rstrip().endswith("pass") and rows["(2,1,2,3)"].rstrip().endswith("pass")
     assert "SKIP: model.n_head: 2 is not divisible by parallel.tp=3" in rows["(3,1,1,0)"]
-    assert "all layouts match" in result.stdout
+    assert "the 2 layouts that ran match; 1 skipped (see SKIP above)" in result.stdout
+    assert "all layouts match" not in result.stdout
     assert len(parity.read_losses(tmp_path / "parity" / "1-4-1-0")) == 3
 
 
@@ -151,3 +152,11 @@ def test_parity_bf16_against_one_process(dataset, tmp_path, family):
                     "--out", str(tmp_path / "parity"), "precision.dtype=bf16", timeout=3600)  # fmt: skip
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert sum(line.rstrip().endswith("pass") for line in result.stdout.splitlines() if line.startswith("(")) == 4
+
+
+def test_micro_batch_is_fitted_to_each_layout_and_said():
+    layout, note = parity.fit_micro_batch(parity.Layout(dp=4), global_batch=8, micro=8)
+    assert layout.micro_batch_size == 2 and "train.micro_batch_size=2" in layout.overrides()
+    assert note == "(1,1,4,0): train.micro_batch_size=2 instead of 8, so that micro x dp divides the global batch 8"
+    assert parity.fit_micro_batch(parity.Layout(dp=2), 8, 4) == (parity.Layout(dp=2), None)  # already fits
+    assert parity.fit_micro_batch(parity.Layout(dp=3), 8, 8)[1] is None  # dp does not divide it: validation says so

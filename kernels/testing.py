@@ -128,3 +128,16 @@ def check_fused_softmax(
     tag = f"{dtype} {tuple(shape)} causal={causal} mask={mask is not None}"
     comparisons = [compare(f"{n} {tag}", *t, dtype) for n, *t in zip(("y", "dx"), got, hi, lo, strict=True)]
     return comparisons, got
+
+
+def check_outputs(op: str, names, tag: str, outs, ref_hi, ref_lo, dtype: torch.dtype, record=None) -> list[Comparison]:
+    """compare() every output (and gradient) with its fp64 and low-precision references; hand each comparison to
+    `record(op, dtype, comparison)` when given; AssertionError listing the failures. Returns the comparisons."""
+    comparisons = [compare(f"{n} {tag}", *t, dtype) for n, *t in zip(names, outs, ref_hi, ref_lo, strict=True)]
+    for c in comparisons:
+        if record:
+            record(op, dtype, c)
+    failed = [str(c) for c in comparisons if not c.ok]
+    if failed:
+        raise AssertionError("\n".join(failed))
+    return comparisons

@@ -16,6 +16,21 @@ WORDS = ("the king queen speak night day love death sword crown heart fair foul 
          "what why who thou thee thy hath doth shall will not now never ever more").split()  # fmt: skip
 
 
+def train_adamw(model, batches, lr: float) -> list[float]:
+    """Train `model` one AdamW step (weight decay 0.1) per (x, y) batch; returns the losses."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    losses = []
+    for x, y in batches:
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def write_corpus(directory: Path, n_docs: int = 6, words_per_doc: int = 1500, seed: int = 0) -> list[Path]:
     """A few text files of seeded pseudo-verse (each file is one document)."""
     rng = random.Random(seed)

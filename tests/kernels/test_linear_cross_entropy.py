@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kernels._utils import INTERPRET_AT_IMPORT
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from kernels.testing import compare
+from kernels.testing import check_outputs
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.state import ParallelState
 from tests.distributed import run_distributed
@@ -63,12 +63,7 @@ def check(lead, d, v_local, vocab_size, dtype, reduction="mean", z_loss=0.0, chu
     assert got[0].dtype == FP32 and got[0].shape == (lead if reduction == "none" else ())
     assert got[1].dtype == dtype and got[1].shape == h.shape and got[2].dtype == dtype and got[2].shape == w.shape
     tag = f"{dtype} {lead}x{d} V={v_local}/{vocab_size} {reduction} z={z_loss} chunk={chunk}"
-    comparisons = [compare(f"{n} {tag}", *x, dtype) for n, *x in zip(("loss", "dh", "dw"), got, hi, lo, strict=True)]
-    for c in comparisons:
-        if record:
-            record("linear_ce", dtype, c)
-    failed = [str(c) for c in comparisons if not c.ok]
-    assert not failed, "\n".join(failed)
+    comparisons = check_outputs("linear_ce", ("loss", "dh", "dw"), tag, got, hi, lo, dtype, record)
     return comparisons, got
 
 

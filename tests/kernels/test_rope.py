@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-from kernels.testing import compare
+from kernels.testing import check_outputs
 from megalm.model.transformer import apply_rope, rope_tables
 
 rp = importlib.import_module("kernels.rope")
@@ -57,12 +57,7 @@ def check_rope(B, nh, nkv, T, hd, dtype, *, start=0, scale=1.0, qk=None, cos_sin
     assert [t.dtype for t in got] == [dtype] * 4
     assert [t.shape for t in got] == [q.shape, k.shape, q.shape, k.shape]
     tag = f"{dtype} B={B} H={nh}/{nkv} T={T} hd={hd} start={start}"
-    comparisons = [compare(f"{n} {tag}", *t, dtype) for n, *t in zip(("q", "k", "dq", "dk"), got, hi, lo, strict=True)]
-    for c in comparisons:
-        if record:
-            record("rope", dtype, c)
-    failed = [str(c) for c in comparisons if not c.ok]
-    assert not failed, "\n".join(failed)
+    check_outputs("rope", ("q", "k", "dq", "dk"), tag, got, hi, lo, dtype, record)
     return got
 
 

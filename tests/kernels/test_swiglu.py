@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.testing import compare
+from kernels.testing import check_outputs
 
 sw = importlib.import_module("kernels.swiglu")
 swiglu, swiglu_reference = sw.swiglu, sw.swiglu_reference
@@ -49,12 +49,7 @@ def check_swiglu(shape, dtype, *, gate_up=None, baseline=swiglu_reference, recor
     lo = forward_backward(baseline, gate, up, dy)
     assert [t.dtype for t in got] == [dtype] * 3 and all(t.shape == gate.shape for t in got)
     tag = f"{dtype} {tuple(gate.shape)}"
-    comparisons = [compare(f"{n} {tag}", *t, dtype) for n, *t in zip(("y", "dgate", "dup"), got, hi, lo, strict=True)]
-    for c in comparisons:
-        if record:
-            record("swiglu", dtype, c)
-    failed = [str(c) for c in comparisons if not c.ok]
-    assert not failed, "\n".join(failed)
+    comparisons = check_outputs("swiglu", ("y", "dgate", "dup"), tag, got, hi, lo, dtype, record)
     return comparisons
 
 

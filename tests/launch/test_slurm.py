@@ -52,7 +52,7 @@ def test_cpu_tasks_ask_for_no_gpus():
 
 
 def test_layout_that_does_not_fit_the_world_size_is_refused():
-    with pytest.raises(MegalmError, match="micro_batch_size\\*dp = 8\\*3"):
+    with pytest.raises(MegalmError, match="micro_batch_size\\*dp = 4\\*3"):
         render(args("--config", TINY, "--gpus-per-node", "3"))
 
 

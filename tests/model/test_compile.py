@@ -18,6 +18,7 @@ from megalm.model.compile import blocks_of, check_compile, compile_model, compil
 from megalm.model.transformer import GPT
 from megalm.parallel import ParallelState
 from tests.distributed import run_distributed
+from tests.helpers import train_adamw
 
 BACKEND = "inductor" if shutil.which("c++") or shutil.which("g++") else "aot_eager"
 CONFIGS = {
@@ -37,15 +38,7 @@ def make_batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def train(model: torch.nn.Module, batches) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    losses = []
-    for x, y in batches:
-        loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_adamw(model, batches, LR)
 
 
 def config(family: str, **model) -> Config:

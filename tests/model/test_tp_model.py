@@ -9,6 +9,7 @@ from megalm.config import ModelConfig
 from megalm.model.transformer import GPT, Block, ParallelContext
 from megalm.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding
 from tests.distributed import run_distributed
+from tests.helpers import train_adamw
 
 pytestmark = pytest.mark.multiprocess
 
@@ -55,16 +56,8 @@ def compare_params(model: GPT, ref: GPT, grads: bool, rtol: float, atol: float) 
     return worst
 
 
-def train(model: GPT, batches) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    losses = []
-    for x, y in batches:
-        loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+def train(model: torch.nn.Module, batches) -> list[float]:
+    return train_adamw(model, batches, LR)
 
 
 def check_model_parity(rank: int, world_size: int, out: dict) -> None:

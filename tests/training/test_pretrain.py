@@ -118,17 +118,25 @@ def test_model_compile_trains_like_eager_and_reports_the_compile_time(dataset, t
     assert max(abs(compiled[s] - eager[s]) / eager[s] for s in eager) < 1e-5
 
 
-def test_ctrl_c_saves_a_checkpoint_says_how_to_continue_and_exits_130(dataset, tmp_path):
-    config = tiny_config(tmp_path, dataset, train={"max_steps": 5000, "eval_interval": 0})
-    run_dir = tmp_path / "runs" / "tiny"
+def signal_after_rows(config, run_dir, signum, rows: int = 3):
+    """Start a run, send it `signum` once it has written `rows` metrics rows; (process, stdout, stderr) at its end."""
     proc = start_pretrain(config)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (
-        (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3
+        (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= rows
     ):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
+    return proc, out, err
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_continue_and_exits_130(dataset, tmp_path):
+    config, run_dir = (
+        tiny_config(tmp_path, dataset, train={"max_steps": 5000, "eval_interval": 0}),
+        tmp_path / "runs" / "tiny",
+    )
+    proc, out, err = signal_after_rows(config, run_dir, signal.SIGINT)
     assert proc.returncode == 130, f"stdout:\n{out}\nstderr:\n{err}"
     assert "press Ctrl-C again to exit at once" in err
     step = int(out.split("interrupted (Ctrl-C) at step ")[1].split(":")[0])
@@ -148,16 +156,11 @@ def test_a_finished_run_says_there_is_nothing_to_train_and_how_to_start_a_new_on
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_saves_a_checkpoint_and_exits_with_the_preemption_code(dataset, tmp_path, signum):
-    config = tiny_config(tmp_path, dataset, train={"max_steps": 5000, "eval_interval": 0})
-    run_dir = tmp_path / "runs" / "tiny"
-    proc = start_pretrain(config)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (
-        (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3
-    ):
-        time.sleep(0.2)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+    config, run_dir = (
+        tiny_config(tmp_path, dataset, train={"max_steps": 5000, "eval_interval": 0}),
+        tmp_path / "runs" / "tiny",
+    )
+    proc, out, err = signal_after_rows(config, run_dir, signum)
     assert proc.returncode == PREEMPTED_EXIT_CODE, f"stdout:\n{out}\nstderr:\n{err}"
     step = int(out.split("preempted at step ")[1].split(":")[0])
     assert step >= 3

@@ -85,15 +85,15 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str,
     """Causal attention of q (B, nh, T, hd) over k/v (B, nkv, T, hd) -> (B, nh, T, hd)."""
     if kind == "auto":
         kind = "flash" if q.is_cuda else "sdpa"
-    import kernels  # imports Triton: only when attention runs
+    if kind == "sdpa":
+        group = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=group > 1)
+    import kernels  # imports Triton (about a second, once): only for the paths that use megalm's kernels
 
     if kind == "flash" and dropout_p == 0.0:
         from kernels import custom_ops  # the flash kernels as a torch.library op (opaque to torch.compile)
 
         return custom_ops.flash_attention(q, k, v, causal=True)
-    if kind == "sdpa":
-        group = q.shape[1] // k.shape[1]
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=group > 1)
     if kind not in ("eager", "flash", "fused_softmax"):  # flash with dropout falls back to eager
         raise ValueError(f"unknown attention kind {kind!r}")
     softmax = kernels.fused_softmax if kind == "fused_softmax" else None

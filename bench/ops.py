@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import kernels  # noqa: E402
-from megalm.model.ops import TorchOps  # noqa: E402
+from megalm.model.ops import TorchOps, TritonOps  # noqa: E402
 
 B, T, D, FFN, VOCAB, NH, NKV, HD = 8, 4096, 2048, 5632, 32000, 32, 4, 64
 
@@ -82,11 +82,12 @@ def eager_fns() -> dict:
 
 
 def megalm_fns() -> dict:
+    """What model.kernels=triton runs (TritonOps: the kernels through kernels.custom_ops; the fused loss)."""
     return {
-        "rms_norm": lambda x, w, b: kernels.rms_norm(x, w, eps=1e-5),
-        "layer_norm": lambda x, w, b: kernels.layer_norm(x, w, b, eps=1e-5),
-        "swiglu": kernels.swiglu,
-        "rope": kernels.rope,
+        "rms_norm": lambda x, w, b: TritonOps.rms_norm(x, w, 1e-5),
+        "layer_norm": lambda x, w, b: TritonOps.layer_norm(x, w, b, 1e-5),
+        "swiglu": TritonOps.swiglu,
+        "rope": TritonOps.rope,
         "linear_cross_entropy": lambda h, w, t: kernels.linear_cross_entropy(h, w, t),
     }
 

@@ -12,6 +12,13 @@ tokens so AdamW state exists; then, `--repeats` times, in an order rotated from 
                checkpoint.resolve_resume (verify sizes and checksums, split across ranks) + checkpoint.load
                (weights_only=True, RNG and loader state)
 
+    async      async_checkpoint.save_in_background (checkpoint.async): "blocked" is the time until training may go
+               on (barrier to barrier); "background" the further time until the checkpoint is published
+
+and, with `--steps N` (default 10), N training steps with no save, with one synchronous save and with one
+asynchronous save after step 2 (the background write overlapping the following steps, waited for at the end),
+side by side in rotated order.
+
 Each time is the wall time of the collective (barrier before, barrier after) as rank 0 sees it; medians are
 reported. Files sit in the page cache when loaded (the cache is not dropped: the machine is shared).
 
@@ -45,7 +52,7 @@ import torch.distributed as dist  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from megalm.launch.local import free_port  # noqa: E402
-from megalm.training import checkpoint  # noqa: E402
+from megalm.training import async_checkpoint, checkpoint  # noqa: E402
 
 SHAPE = ["model.family=gpt2", "model.n_layer=12", "model.n_head=12", "model.d_model=768", "model.vocab_size=50304"]
 
@@ -57,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-tokens", type=int, default=64, help="tokens of the one training step (shorter is faster)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per variant of the step comparison (0: skip)")
     p.add_argument("--preempt", action="store_true", help="also time SIGTERM -> exit of a preempted training run")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
@@ -90,11 +98,15 @@ def build(args: argparse.Namespace):
     model = GPT(cfg.model, state, False)
     init_deepspeed_comm()
     engine = build_engine(cfg, cfg.layout(world), model, state)
+    train_step(engine, cfg, args)
+    return cfg, engine
+
+
+def train_step(engine, cfg, args: argparse.Namespace) -> None:
     x = torch.randint(0, cfg.model.vocab_size, (1, args.train_tokens + 1))
     loss = engine(x[:, :-1], x[:, 1:])
     engine.backward(loss)
     engine.step()
-    return cfg, engine
 
 
 def plain_save(engine, d: Path) -> None:
@@ -153,17 +165,52 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
                    ("megalm_verify", lambda: found.append(checkpoint.resolve_resume("auto", root / "megalm"))),
                    ("megalm_load", lambda: checkpoint.load(engine, found[-1]))],
     }  # fmt: skip
+    saver = async_checkpoint.BackgroundSaver()
+    times.update(async_blocked=[], async_background=[])
+    ops["async"] = [("async_blocked", lambda: async_checkpoint.save_in_background(
+                        engine, root / "async", 1, meta, 1, saver, log=lambda s: None)),
+                    ("async_background", saver.wait)]  # fmt: skip
     order = list(ops)
     for r in range(args.repeats):
-        for name in order[r % 3 :] + order[: r % 3]:
+        for name in order[r % len(order) :] + order[: r % len(order)]:
             fresh(root / name)
             for key, fn in ops[name]:
                 times[key].append(timed(fn))
                 gc.collect()
+    steps = compare_steps(args, cfg, engine, root, meta) if args.steps else {}
     sizes = {"plain": dir_bytes(root / "plain"), "deepspeed": dir_bytes(root / "deepspeed" / "ds"),
              "megalm": dir_bytes(found[-1])}  # fmt: skip
     n_params = sum(p.numel() for p in engine.module.parameters())
-    return {"times": times, "sizes": sizes, "n_params": n_params, "world": dist.get_world_size(), "zero": args.zero}
+    return {"times": times, "sizes": sizes, "n_params": n_params, "world": dist.get_world_size(), "zero": args.zero,
+            "steps": steps, "steps_n": args.steps}  # fmt: skip
+
+
+def compare_steps(args: argparse.Namespace, cfg, engine, root: Path, meta: dict) -> dict[str, list[float]]:
+    """Seconds of args.steps training steps with no save, one sync save and one async save after step 2 (the
+    async one waited for after the last step); the three in rotated order, args.repeats times."""
+    saver = async_checkpoint.BackgroundSaver()
+
+    def run(save) -> None:
+        for i in range(args.steps):
+            train_step(engine, cfg, args)
+            if i == 1:
+                save()
+        saver.wait()
+
+    variants = {
+        "none": lambda: None,
+        "sync": lambda: checkpoint.save(engine, root / "steps_sync", 1, meta, 1, log=lambda s: None),
+        "async": lambda: async_checkpoint.save_in_background(engine, root / "steps_async", 1, meta, 1, saver,
+                                                             log=lambda s: None),
+    }  # fmt: skip
+    out: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    for r in range(args.repeats):
+        for name in names[r % 3 :] + names[: r % 3]:
+            fresh(root / f"steps_{name}")
+            out[name].append(timed(lambda save=variants[name]: run(save)))
+            gc.collect()
+    return out
 
 
 def report(res: dict) -> str:
@@ -187,6 +234,16 @@ def report(res: dict) -> str:
     lines.append("")
     lines.append(f"megalm load = verify (sizes + sha256, split across ranks) {t['megalm_verify']:.2f} s + "
                  f"DeepSpeed load with weights_only=True, RNG, loader {t['megalm_load']:.2f} s")  # fmt: skip
+    lines.append(f"checkpoint.async: training blocked {t['async_blocked']:.2f} s per save "
+                 f"({t['async_blocked'] / t['megalm_save']:.1%} of the synchronous save's {t['megalm_save']:.2f} s, "
+                 f"{t['async_blocked'] / t['plain_save']:.1%} of plain torch.save's), then written and published "
+                 f"in the background in {t['async_background']:.2f} s")  # fmt: skip
+    if res["steps"]:
+        st = {k: statistics.median(v) for k, v in res["steps"].items()}
+        n = len(next(iter(res["steps"].values())))
+        lines.append(f"{res['steps_n']} training steps, medians of {n}: no save {st['none']:.2f} s; one sync save "
+                     f"{st['sync']:.2f} s ({st['sync'] / st['none']:.2f}x); one async save {st['async']:.2f} s "
+                     f"({st['async'] / st['none']:.2f}x)")  # fmt: skip
     return "\n".join(lines)
 
 

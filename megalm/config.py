@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -218,6 +219,9 @@ class CheckpointConfig:
     """How many recent checkpoints to keep; 0 keeps all."""
     at_end: bool = True
     """Save after the last step; false for throughput runs (a stop signal still saves, so no progress is lost)."""
+    async_: bool = False
+    """`checkpoint.async`: interval saves snapshot the state into host memory and write it in the background while
+    training goes on (one copy of the state per rank in host memory; at most one save in flight)."""
 
 
 @dataclass
@@ -271,7 +275,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what config.yaml in the run directory holds)."""
-        d = dataclasses.asdict(self)
+        d = _keys_of(dataclasses.asdict(self))
         d["optim"]["betas"] = list(d["optim"]["betas"])
         d.pop("source")
         return d
@@ -492,13 +496,14 @@ def _unknown_key(key: str, valid: list[str], src: str) -> MegalmError:
 def _fill(obj: Any, data: dict[str, Any], prefix: str, src: str) -> None:
     """Set fields of dataclass `obj` from `data`, recursing into nested sections."""
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj) if f.name != "source"]  # `name`: what --print-config writes
+    names = [_key(f.name) for f in dataclasses.fields(obj) if f.name != "source"]  # `name`: what --print-config writes
     if not isinstance(data, dict):
         raise MegalmError(f"config error in {src}: {prefix.rstrip('.') or 'top level'}: expected a mapping")
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
             raise _unknown_key(full, names, src)
+        key = key + "_" if keyword.iskeyword(key) else key  # checkpoint.async is the field async_
         tp = hints[key]
         if _is_dataclass_type(tp):
             _fill(getattr(obj, key), value, f"{full}.", src)
@@ -506,6 +511,16 @@ def _fill(obj: Any, data: dict[str, Any], prefix: str, src: str) -> None:
             obj.deepspeed = _merge(obj.deepspeed, _coerce(value, tp, full, src))
         else:
             setattr(obj, key, _coerce(value, tp, full, src))
+
+
+def _key(field_name: str) -> str:
+    """The config key of a dataclass field: its name, less the '_' that a Python keyword needs (async_ -> async)."""
+    return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
+
+
+def _keys_of(d: Any) -> Any:
+    """dataclasses.asdict output with every field name turned into its config key."""
+    return {_key(k): _keys_of(v) for k, v in d.items()} if isinstance(d, dict) else d
 
 
 def _merge(base: dict, extra: dict) -> dict:

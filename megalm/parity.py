@@ -11,6 +11,13 @@ check-parity inside the allocation and pass `--launcher` what goes before launch
 (and `{python}` for this interpreter): `--launcher "srun --ntasks {nproc} --gpus-per-task 1 {python}"` or
 `--launcher "deepspeed --num_gpus {nproc}"`.
 
+Resume across layouts (`--resume-at N`): the baseline (say the layout a job runs in, `--baseline 2,2,1,1`) trains
+--steps steps and saves a checkpoint at step N; every layout then resumes that checkpoint (train.resume, weights,
+AdamW state, schedule and data position carried into its own layout) and trains to --steps; steps N+1.. are
+compared with the baseline's own:
+
+    megalm check-parity --config CFG --baseline 2,2,1,1 --resume-at 10 --steps 30 --layouts "1,1,4,1;2,1,2,2"
+
 A layout that the config or the model cannot take (tp not dividing the heads, ZeRO >= 2 with pipelines, a batch
 that dp does not divide, more processes than --max-procs) is reported as skipped with the reason. The table shows,
 per layout, the worst relative loss difference over the steps, |loss - loss_baseline| / |loss_baseline|; the exit
@@ -163,11 +170,26 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def run_layout(args: argparse.Namespace, layout: Layout, out: Path) -> Outcome:
-    """Train `layout` for args.steps steps in its own process group; never raises for a failed run."""
-    run_dir = out / layout.label.strip("()").replace(",", "-")
+def run_dir_for(out: Path, layout: Layout, resumed: bool = False) -> Path:
+    return out / (layout.label.strip("()").replace(",", "-") + ("-resumed" if resumed else ""))
+
+
+def resume_overrides(args: argparse.Namespace, out: Path, baseline: Layout, resumed: bool) -> list[str]:
+    """With --resume-at N: the baseline keeps its checkpoint of step N; the others resume from it."""
+    n = getattr(args, "resume_at", None)
+    if n is None:
+        return []
+    if not resumed:
+        return [f"checkpoint.interval={n}", "checkpoint.keep_last=0"]
+    return [f"train.resume={run_dir_for(out, baseline) / 'checkpoints' / f'step_{n:08d}'}"]
+
+
+def run_layout(args: argparse.Namespace, layout: Layout, out: Path, extra: list[str] = (), resumed=False) -> Outcome:
+    """Train `layout` to args.steps steps in its own process group (`extra`: more overrides); never raises for a
+    failed run."""
+    run_dir = run_dir_for(out, layout, resumed)
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [*run_overrides(args.overrides, args.steps, run_dir), *layout.overrides()]
+    overrides = [*run_overrides(args.overrides, args.steps, run_dir), *layout.overrides(), *extra]
     cmd = launch_command(args.launcher, layout.world) + [str(REPO / "launcher" / "pretrain.py"), "--config",
                                                          args.config, *overrides]  # fmt: skip
     start = time.monotonic()
@@ -234,6 +256,9 @@ def check_parity(args: argparse.Namespace) -> int:
         raise MegalmError(f"config file not found: {args.config}")
     if args.steps < 1 or args.tolerance < 0:
         raise MegalmError(f"--steps must be >= 1 and --tolerance >= 0, got {args.steps} and {args.tolerance}")
+    resume_at = getattr(args, "resume_at", None)
+    if resume_at is not None and not 1 <= resume_at < args.steps:
+        raise MegalmError(f"--resume-at must be a step between 1 and --steps - 1 = {args.steps - 1}, got {resume_at}")
     layouts = parse_layouts(args.layouts)
     launch_command(args.launcher, 2)  # a bad --launcher template fails here, before any run
     cfg = load_config(args.config, run_overrides(args.overrides, args.steps, Path("parity")))
@@ -244,20 +269,25 @@ def check_parity(args: argparse.Namespace) -> int:
     baseline = _baseline(getattr(args, "baseline", None))
     if reason := skip_reason(args.config, args.overrides, baseline, None):
         raise MegalmError(f"the baseline {baseline.label} cannot run: {reason}")
-    base = _announce(run_layout(args, baseline, out))
+    resume_at = getattr(args, "resume_at", None)
+    base = _announce(run_layout(args, baseline, out, resume_overrides(args, out, baseline, False)))
     if base.error:
         raise MegalmError(f"the baseline {baseline.label} failed: {base.error} (log in {out})")
+    if resume_at is not None:  # the steps after the checkpoint are compared
+        print(f"every layout resumes the baseline's checkpoint of step {resume_at}", flush=True)
+        base.losses = {s: v for s, v in base.losses.items() if s > resume_at}
     outcomes = []
     for layout in layouts:
         layout, note = fit_micro_batch(layout, cfg.train.global_batch_size, cfg.train.micro_batch_size)
         if note:
             print(note, flush=True)
-        if layout == baseline:
+        if layout == baseline and resume_at is None:
             outcomes.append(base)
         elif reason := skip_reason(args.config, args.overrides, layout, args.max_procs):
             outcomes.append(_announce(Outcome(layout, skipped=reason)))
         else:
-            outcomes.append(_announce(run_layout(args, layout, out)))
+            extra = resume_overrides(args, out, baseline, True)
+            outcomes.append(_announce(run_layout(args, layout, out, extra, resumed=resume_at is not None)))
     table, all_ok = format_table(base, outcomes, args.tolerance)
     print(table, flush=True)
     skipped = sum(1 for o in outcomes if o.skipped)
@@ -295,6 +325,9 @@ def add_parity_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", default=None,
                         help="what starts {nproc} ranks before launcher/pretrain.py, e.g. 'srun --ntasks {nproc} "
                              "{python}' (default: python -m torch.distributed.run on this machine)")  # fmt: skip
+    parser.add_argument("--resume-at", type=int, default=None, metavar="N",
+                        help="the baseline saves at step N; every layout resumes from that checkpoint and steps "
+                             "after N are compared (resume across layouts)")  # fmt: skip
     parser.add_argument("--max-procs", type=int, default=None, help="skip layouts needing more processes")
     parser.add_argument("--out", default=None, help="directory for the runs and their logs (runs/parity-<config>)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one run may take (default 1800)")

@@ -159,36 +159,44 @@ def load_consolidated(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """The verified step directory `path` names: itself, or the one a checkpoint directory's `latest` names."""
+    """The verified step directory `path` names: itself, or in a checkpoint directory the one `latest` names; when
+    that one is damaged, the newest valid one, with a warning naming the damaged files (as train.resume does)."""
     path = Path(path)
     if not path.exists():
         raise MegalmError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise MegalmError(f"checkpoint {path} is not a directory (give a checkpoint.dir or a step_N directory)")
     if (path / checkpoint.MANIFEST).is_file():
-        step_dir = path
-    elif (path / "latest").is_file():
+        problems = checkpoint.verify(path)
+        if problems:
+            raise MegalmError(f"checkpoint {path} is damaged: {'; '.join(problems)}; name an older step_N "
+                              f"directory instead")  # fmt: skip
+        return path
+    tags = list(reversed(checkpoint.list_tags(path)))
+    if (path / "latest").is_file():
         tag = (path / "latest").read_text().strip()
-        step_dir = path / tag
-        if not tag or not step_dir.is_dir():
+        if not tag or not (path / tag).is_dir():
             raise MegalmError(f"{path / 'latest'} names {tag!r}, which is not a checkpoint in {path}")
-    elif checkpoint.list_tags(path):
-        step_dir = path / checkpoint.list_tags(path)[-1]
-    else:
+        tags = [tag] + [t for t in tags if t != tag]
+    if not tags:
         raise MegalmError(f"{path} is neither a megalm checkpoint (no {checkpoint.MANIFEST}, `latest` or step_N "
                           f"directories) nor a consolidated directory (no {WEIGHTS})")  # fmt: skip
-    problems = checkpoint.verify(step_dir)
-    if problems:
-        raise MegalmError(f"checkpoint {step_dir} is damaged: {'; '.join(problems)}; name an older step_N "
-                          f"directory instead")  # fmt: skip
-    return step_dir
+    damaged = []
+    for tag in tags:
+        problems = checkpoint.verify(path / tag)
+        if not problems:
+            if damaged:
+                checkpoint._warn(f"skipping damaged checkpoint(s) {'; '.join(damaged)}: using {path / tag}")
+            return path / tag
+        damaged.append(f"{path / tag}: {'; '.join(problems)}")
+    raise MegalmError(f"no valid checkpoint in {path}: {'; '.join(damaged)}")
 
 
 def _metadata(step_dir: Path) -> dict:
     file = checkpoint.model_states_file(step_dir, 0)
     if file is None:
         raise MegalmError(f"checkpoint {step_dir}: no mp_rank_00 model states file (not a DeepSpeed checkpoint?)")
-    meta = checkpoint.safe_load(file, map_location="cpu").get("megalm")
+    meta = checkpoint.safe_load(file, map_location="cpu", mmap=True).get("megalm")
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise MegalmError(f"checkpoint {file} holds no megalm metadata (config): not written by megalm")
     return meta
@@ -242,57 +250,135 @@ def _optim_files(step_dir: Path, mp: int) -> list[Path]:
     return [found[d] for d in sorted(found)]
 
 
-def _master_weights(step_dir: Path, mp: int, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """fp32 master weights of model-parallel rank `mp` from its ZeRO / bf16 optimizer shards ({} if none).
+MASTER = "fp32"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+"""The per-parameter state a resume in another layout carries: the fp32 master weights and AdamW's two moments."""
+
+
+def _sharded_state(step_dir: Path, mp: int, shapes: dict[str, torch.Size], keys=(MASTER,)) -> tuple[dict, list]:
+    """({key: {engine name: full tensor}}, Adam's steps) of model-parallel rank `mp` from its ZeRO / bf16 optimizer
+    shards; ({}, []) if it has none. Key MASTER is the fp32 master weights, the others AdamW's state of that name.
 
     `shapes` gives the shapes of parameters whose shards carry no shape (stages 0-2); ZeRO-3 records its own."""
     files = _optim_files(step_dir, mp)
     if not files:
-        return {}
-    states = [checkpoint.safe_load(f, map_location="cpu")["optimizer_state_dict"] for f in files]
+        return {}, []
+    states = [checkpoint.safe_load(f, map_location="cpu", mmap=True)["optimizer_state_dict"] for f in files]
+    count = states[0].get("partition_count")  # how many ways DeepSpeed split the state: per group, or one int
+    count = max(count) if isinstance(count, list) else count
+    if count is not None and count != len(files):
+        raise MegalmError(
+            f"checkpoint {step_dir}: model-parallel rank {mp} has {len(files)} optimizer shard(s) "
+            f"({files[0].name}, ...), but its state was split {count} ways: a shard is missing"
+        )
     if "fp32_flat_groups" in states[0]:
-        return _zero3_masters(step_dir, mp, [s["fp32_flat_groups"] for s in states])
+        return _zero3_state(step_dir, mp, states, keys)
     if any("single_partition_of_fp32_groups" not in s or "param_slice_mappings" not in s for s in states):
         raise MegalmError(f"checkpoint {step_dir}: optimizer shards {files[0].name}... hold no fp32 partitions with "
                           f"slice mappings (an unsupported DeepSpeed optimizer format)")  # fmt: skip
-    pieces: dict[str, list[torch.Tensor]] = {}
-    for s in states:
-        for flat, mapping in zip(s["single_partition_of_fp32_groups"], s["param_slice_mappings"], strict=True):
-            for name, frag in mapping.items():
-                pieces.setdefault(name, []).append(flat[frag.start : frag.start + frag.numel])
-    return {name: torch.cat(p).view(shapes[name]) for name, p in pieces.items() if name in shapes}
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {k: {} for k in keys}
+    steps = []
+    for f, s in zip(files, states, strict=True):
+        adam = s.get("base_optimizer_state", {}).get("state", {})
+        for g, mapping in enumerate(s["param_slice_mappings"]):
+            flats = {MASTER: s["single_partition_of_fp32_groups"][g]}
+            flats.update({k: v for k, v in adam.get(g, {}).items() if k != "step"})
+            steps += [int(adam[g]["step"])] if "step" in adam.get(g, {}) else []
+            for key in keys:
+                if key not in flats:
+                    raise MegalmError(f"checkpoint {f}: no optimizer state {key!r} (saved before the first step, "
+                                      f"or not by AdamW)")  # fmt: skip
+                for name, frag in mapping.items():
+                    pieces[key].setdefault(name, []).append(flats[key][frag.start : frag.start + frag.numel])
+    out = {k: {n: torch.cat(p).view(shapes[n]) for n, p in pieces[k].items() if n in shapes} for k in keys}
+    return out, steps
 
 
-def _zero3_masters(step_dir: Path, mp: int, flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """ZeRO-3: each parameter is split into dp pieces of ceil(numel/dp), consecutive in each rank's flat group."""
-    dp = len(flat_groups)
+def _zero3_state(step_dir: Path, mp: int, states: list[dict], keys) -> tuple[dict, list]:
+    """ZeRO-3: each parameter is split into dp pieces of ceil(numel/dp), consecutive in each rank's flat groups (the
+    groups of a rank concatenated, in order), in the order of `param_shapes`."""
+    dp = len(states)
     model_file = checkpoint.model_states_file(step_dir, mp)
     if model_file is None:
         raise MegalmError(f"checkpoint {step_dir}: no ZeRO-3 model states file of model-parallel rank {mp}")
     param_shapes = checkpoint.safe_load(model_file, map_location="cpu")["param_shapes"]
-    out = {}
-    for g, group_shapes in enumerate(param_shapes):
-        offset = 0
+    flats, steps = {k: [] for k in keys}, []
+    for d, s in enumerate(states):
+        adam = s.get("optimizer_state_dict", {}).get("state", {})
+        steps += [int(v["step"]) for v in adam.values() if "step" in v]
+        for key in keys:
+            if key == MASTER:
+                groups = s["fp32_flat_groups"]
+            elif all(key in adam.get(i, {}) for i in range(len(s["fp32_flat_groups"]))):
+                groups = [adam[i][key] for i in range(len(s["fp32_flat_groups"]))]
+            else:
+                raise MegalmError(f"checkpoint {step_dir}: the ZeRO-3 shard of data-parallel rank {d} holds no "
+                                  f"optimizer state {key!r}")  # fmt: skip
+            flats[key].append(torch.cat(list(groups)))
+    out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
+    offset = 0
+    for group_shapes in param_shapes:
         for name, shape in group_shapes.items():
             numel = math.prod(shape)
             part = -(-numel // dp)
-            full = torch.cat([flat_groups[d][g][offset : offset + part] for d in range(dp)])
-            out[name] = full[:numel].view(tuple(shape))
+            for key in keys:
+                full = torch.cat([flats[key][d][offset : offset + part] for d in range(dp)])
+                out[key][name] = full[:numel].view(tuple(shape))
             offset += part
-    return out
+    return out, steps
 
 
-def _rank_weights(step_dir: Path, cfg: Config, tp_rank: int) -> dict[str, torch.Tensor]:
-    """TP rank `tp_rank`'s full (all stages, all dp shards) weights under layout-free names, fp32 where possible."""
+def _torch_optimizer_state(step_dir: Path, mp: int) -> tuple[dict, list]:
+    """({key: {engine name: tensor}}, steps) of AdamW's per-parameter state kept by DeepSpeed without ZeRO (stage 0,
+    fp32): torch's optimizer state dict in model-parallel rank `mp`'s model states file, its parameters numbered in
+    the order megalm recorded by name at save time (checkpoint.PARAM_NAMES)."""
+    file = checkpoint.model_states_file(step_dir, mp)
+    saved = checkpoint.safe_load(file, map_location="cpu", mmap=True) if file is not None else {}
+    optim, names = saved.get("optimizer"), saved.get(checkpoint.PARAM_NAMES)
+    if not isinstance(optim, dict) or "state" not in optim or "param_groups" not in optim:
+        raise MegalmError(
+            f"checkpoint {step_dir}: no AdamW state for model-parallel rank {mp} (an fp16 checkpoint "
+            f"without ZeRO, or not a DeepSpeed checkpoint): it can be resumed only in its own layout"
+        )
+    if names is None:
+        raise MegalmError(
+            f"checkpoint {file} does not name its optimizer's parameters (saved by a megalm before "
+            f"resume across layouts existed): resume it in its own layout, or use train.init_from"
+        )
+    ids = [i for g in optim["param_groups"] for i in g["params"]]
+    flat_names = [n for group in names for n in group]
+    if len(ids) != len(flat_names):
+        raise MegalmError(f"checkpoint {file}: {len(ids)} optimizer parameters but {len(flat_names)} names")
+    out = {k: {} for k in MOMENTS}
+    steps = []
+    for i, name in zip(ids, flat_names, strict=True):
+        state = optim["state"].get(i, {})
+        for k in MOMENTS:
+            if k not in state:
+                raise MegalmError(f"checkpoint {file}: parameter {name} has no optimizer state {k!r}")
+            out[k][name] = state[k]
+        steps.append(int(state["step"]))
+    return out, steps
+
+
+def _rank_weights(step_dir: Path, cfg: Config, tp_rank: int, keys=(MASTER,)) -> tuple[dict, list]:
+    """({key: TP rank `tp_rank`'s full (all stages, all dp shards) tensors under layout-free names}, Adam's steps):
+    the weights (MASTER: fp32 masters where the optimizer holds them, else the module's) and any of MOMENTS."""
     tp, pp, L = cfg.parallel.tp, cfg.parallel.pp, cfg.model.n_layer
-    weights = {k: v.float() for k, v in _module_weights(step_dir, cfg, tp_rank).items()}
-    stages = range(pp) if pp > 1 else [0]
-    for stage in stages:
-        mp = stage * tp + tp_rank  # the masters are named like the engine's module: pipeline names at pp>1
-        masters = _master_weights(step_dir, mp, _engine_shapes(weights, L, pp > 1))
-        for name, value in masters.items():
-            weights[layout_free_name(name, L, pp > 1)] = value.float()
-    return weights
+    module = {k: v.float() for k, v in _module_weights(step_dir, cfg, tp_rank).items()}
+    out = {k: {} for k in keys}
+    out[MASTER] = module
+    steps = []
+    for stage in range(pp) if pp > 1 else [0]:
+        mp = stage * tp + tp_rank  # the optimizer state is named like the engine's module: pipeline names at pp>1
+        found, s = _sharded_state(step_dir, mp, _engine_shapes(module, L, pp > 1), keys)
+        if not found and any(k in MOMENTS for k in keys):
+            found, s = _torch_optimizer_state(step_dir, mp)
+        steps += s
+        for key, tensors in found.items():
+            for name, value in tensors.items():
+                out[key][layout_free_name(name, L, pp > 1)] = value.float()
+    return out, steps
 
 
 def _engine_shapes(weights: dict[str, torch.Tensor], n_layer: int, pipeline: bool) -> dict[str, torch.Size]:
@@ -311,16 +397,21 @@ def _engine_shapes(weights: dict[str, torch.Tensor], n_layer: int, pipeline: boo
     return out
 
 
-def merge_tp(shards: list[dict[str, torch.Tensor]], model_cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
-    """Full tensors from the TP ranks' shards, by the layer that owns each one; padding trimmed to tp=1's."""
+def merge_tp(
+    shards: list[dict[str, torch.Tensor]], model_cfg: ModelConfig, where: str, wanted: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Full tensors from the TP ranks' shards, by the layer that owns each one; padding trimmed to tp=1's.
+    `wanted`: merge only those names (all by default)."""
     tp = len(shards)
     ref = skeleton(model_cfg)
-    shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    shapes = {k: v.shape for k, v in ref.state_dict().items() if wanted is None or k in wanted}
     missing = sorted(set(shapes) - set(shards[0]))
     if missing:
         raise MegalmError(f"{where}: weights missing from the checkpoint: {', '.join(missing[:5])}")
     out = {}
     for name, (module, attr) in owners(ref).items():
+        if name not in shapes:
+            continue
         parts = [s[name] for s in shards]
         if isinstance(module, ColumnParallelLinear):
             full = _merge_column(parts, module.partition_sizes, tp)
@@ -357,10 +448,53 @@ def read_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], 
     if (files["tp"], files["pp"]) != (tp, pp):
         raise MegalmError(f"checkpoint {step_dir}: its config says tp {tp} pp {pp}, but its files are those of tp "
                           f"{files['tp']} pp {files['pp']}")  # fmt: skip
-    shards = [_rank_weights(step_dir, cfg, t) for t in range(tp)]
+    shards = [_rank_weights(step_dir, cfg, t)[0][MASTER] for t in range(tp)]
     state = merge_tp(shards, cfg.model, str(step_dir))
     layout = f"tp {tp} pp {pp} dp {files['dp']}, zero {cfg.zero.stage}, {cfg.precision.dtype}"
     return cfg, state, Source(step_dir, meta.get("step"), layout)
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint of any layout holds, layout-free: what a resume in another layout carries over.
+
+    `tensors` maps MASTER (fp32 master weights) and each of MOMENTS to full tensors under GPT's tp=1 names (only
+    `wanted` ones, when given); `adam_step` is AdamW's step count, `scheduler` and `engine` DeepSpeed's saved lr
+    scheduler state and step counters, `meta` megalm's metadata (loop and loader state, config)."""
+
+    cfg: Config
+    tensors: dict[str, dict[str, torch.Tensor]]
+    adam_step: int
+    scheduler: dict
+    engine: dict
+    meta: dict
+    source: Source
+    dp: int
+
+
+def read_training_state(path: str | Path, wanted: set[str] | None = None) -> TrainingState:
+    """The layout-free TrainingState of training checkpoint `path` (verified first: a collective when
+    torch.distributed is initialised); `wanted` limits the tensors kept to those names (a pipeline stage's)."""
+    step_dir = find_checkpoint(path)
+    meta = _metadata(step_dir)
+    cfg = config_from_dict(meta["config"], f"the config saved in {step_dir}")
+    tp = cfg.parallel.tp
+    keys = (MASTER, *MOMENTS)
+    shards, steps = [], []
+    for t in range(tp):
+        found, s = _rank_weights(step_dir, cfg, t, keys)
+        steps += s
+        shards.append({k: {n: v for n, v in d.items() if wanted is None or n in wanted} for k, d in found.items()})
+    if not steps or len(set(steps)) != 1:
+        raise MegalmError(f"checkpoint {step_dir}: AdamW step counts {sorted(set(steps)) or 'missing'}; expected one "
+                          f"step count for every parameter")  # fmt: skip
+    tensors = {k: merge_tp([s[k] for s in shards], cfg.model, str(step_dir), wanted) for k in keys}
+    saved = checkpoint.safe_load(checkpoint.model_states_file(step_dir, 0), map_location="cpu", mmap=True)
+    counters = {k: saved[k] for k in ("global_steps", "global_samples", "skipped_steps") if k in saved}
+    files = checkpoint.saved_layout(step_dir)
+    layout = f"tp {tp} pp {cfg.parallel.pp} dp {files['dp']}, zero {cfg.zero.stage}, {cfg.precision.dtype}"
+    return TrainingState(cfg, tensors, steps[0], saved.get("lr_scheduler") or {}, counters, meta,
+                         Source(step_dir, meta.get("step"), layout), files["dp"])  # fmt: skip
 
 
 def load_full_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:

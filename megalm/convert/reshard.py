@@ -24,7 +24,7 @@ RUNTIME_ONLY = ("attention", "kernels", "compile", "dropout", "init_std")
 """ModelConfig fields that may differ between the source weights and the new run (they change no weight)."""
 
 
-def check_same_model(source: ModelConfig, target: ModelConfig, where: str) -> None:
+def check_same_model(source: ModelConfig, target: ModelConfig, where: str, what: str = "train.init_from") -> None:
     """MegalmError naming every model.* key (other than RUNTIME_ONLY) on which the two configs disagree."""
     diff = [
         f"model.{f.name}: {getattr(source, f.name)!r} there, {getattr(target, f.name)!r} here"
@@ -32,7 +32,7 @@ def check_same_model(source: ModelConfig, target: ModelConfig, where: str) -> No
         if f.name not in RUNTIME_ONLY and getattr(source, f.name) != getattr(target, f.name)
     ]
     if diff:
-        raise MegalmError(f"train.init_from: the model in {where} differs from this run's: {'; '.join(diff)}")
+        raise MegalmError(f"{what}: the model in {where} differs from this run's: {'; '.join(diff)}")
 
 
 def local_slice(module: torch.nn.Module, attr: str, full: torch.Tensor) -> torch.Tensor:

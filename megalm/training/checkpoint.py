@@ -53,6 +53,9 @@ TAG_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "megalm-checkpoint.json"
 FORMAT = "megalm-checkpoint/1"
+PARAM_NAMES = "megalm_param_names"
+"""Key, in each model-parallel rank's model states file, of the names of its optimizer's parameters by group, when
+the optimizer is torch's own (no ZeRO, fp32): torch numbers them, and a resume in another layout needs the names."""
 _TAG_RE = re.compile(rf"^{TAG_PREFIX}(\d+)$")
 _CHUNK = 8 << 20  # bytes read per hash update
 
@@ -176,11 +179,13 @@ def _safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: str | Path, map_location: Any = None) -> Any:
-    """torch.load(weights_only=True); refuses (MegalmError) a file that would unpickle arbitrary objects."""
+def safe_load(path: str | Path, map_location: Any = None, mmap: bool = False) -> Any:
+    """torch.load(weights_only=True); refuses (MegalmError) a file that would unpickle arbitrary objects.
+
+    mmap: map the tensors' storage from the file instead of reading it all (what is not used is never read)."""
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))  # "Unsupported global: GLOBAL posix.system was not allowed..."
         what = f"the Python global {m.group(1)}" if m else "something other than tensors and plain containers"
@@ -295,7 +300,8 @@ def save(
     tmp = ckpt_dir / f"{TMP_PREFIX}{tag}"
     _on_rank0(lambda: _begin(ckpt_dir, tmp, log))
     safe.written.clear()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"megalm": metadata}, save_latest=False)
+    client = {"megalm": metadata, PARAM_NAMES: optimizer_param_names(engine)}
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client, save_latest=False)
     own = tmp / rank_file(rank)
     torch.save({"rank": rank, "world_size": _world(), "rng": rng_state(rng_tracker), **(rank_state or {})}, own)
     records = {os.path.relpath(p, tmp): d for p, d in safe.written.items()}
@@ -304,6 +310,15 @@ def save(
     final = _on_rank0(lambda: _publish(tmp, ckpt_dir / tag, step, gathered))
     _on_rank0(lambda: _prune(ckpt_dir, keep_last))
     return final
+
+
+def optimizer_param_names(engine) -> list[list[str]] | None:
+    """The module names of the optimizer's parameters, group by group, when DeepSpeed keeps torch's optimizer as it is
+    (ZeRO stage 0, fp32); None under DeepSpeed's ZeRO and bf16 optimizers, whose files name their parameters."""
+    if hasattr(engine.optimizer, "optimizer"):  # a DeepSpeed wrapper around the client optimizer
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in engine.optimizer.param_groups]
 
 
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
@@ -528,26 +543,6 @@ def saved_layout(path: Path) -> dict[str, Any]:
     return {"tp": tp, "pp": pp, "dp": dp, "sharded": any(_ZERO_OPTIM_RE.match(n) for n in names)}
 
 
-def check_layout(path: Path, *, tp: int, pp: int, dp: int) -> None:
-    """Collective: MegalmError unless checkpoint `path` can be resumed exactly at this (tp, pp, dp) layout.
-
-    A different dp is allowed when the optimizer state is not sharded across data-parallel ranks (ZeRO 0, fp32)."""
-
-    def check():
-        saved = saved_layout(path)
-        if (saved["tp"], saved["pp"]) == (tp, pp) and (saved["dp"] == dp or not saved["sharded"]):
-            return
-        raise MegalmError(
-            f"checkpoint {path} was saved at tp {saved['tp']} pp {saved['pp']} dp {saved['dp']}, but this run is "
-            f"tp {tp} pp {pp} dp {dp}: train.resume continues a run only in its own layout (its optimizer state "
-            f"is split that way). To continue from its weights in this layout, set train.init_from={path} and "
-            f"give the run a new checkpoint.dir (or train.resume=none); the optimizer, step and data loader then "
-            f"start fresh. `megalm convert consolidate` writes the weights in a layout-free form"
-        )
-
-    _on_rank0(check)
-
-
 def load(engine, path: Path, rng_tracker=None) -> dict[str, Any]:
     """Collective: load checkpoint `path` (verified by resolve_resume) into `engine`; restore this rank's RNG states.
 
@@ -559,6 +554,13 @@ def load(engine, path: Path, rng_tracker=None) -> dict[str, Any]:
     if load_path is None or not client_state or "megalm" not in client_state:
         raise MegalmError(f"checkpoint {path} could not be loaded by DeepSpeed or holds no megalm metadata")
     meta = dict(client_state["megalm"])
+    meta.update(restore_rank_state(path, rng_tracker))
+    return meta
+
+
+def restore_rank_state(path: Path, rng_tracker=None) -> dict[str, Any]:
+    """Collective: this rank's own saved state in checkpoint `path` (what save() got as `rank_state`), restoring its
+    RNG states; both only when the checkpoint was saved by as many ranks as this run has (else a warning, {})."""
     own, saved, error = path / rank_file(_rank()), None, None
     try:
         saved = safe_load(own) if own.is_file() else None
@@ -569,8 +571,7 @@ def load(engine, path: Path, rng_tracker=None) -> dict[str, Any]:
         raise MegalmError(next(e for e, _ in status if e))
     if all(same for _, same in status):
         set_rng_state(saved["rng"], rng_tracker)
-        meta.update({k: v for k, v in saved.items() if k not in ("rank", "world_size", "rng")})
-    else:
-        _warn(f"checkpoint {path} was saved by a different number of ranks: RNG states are not restored, so the "
-              "run continues correctly but not bit for bit as an uninterrupted run would")  # fmt: skip
-    return meta
+        return {k: v for k, v in saved.items() if k not in ("rank", "world_size", "rng")}
+    _warn(f"checkpoint {path} was saved by a different number of ranks: RNG states are not restored, so the run "
+          "continues correctly but not bit for bit as an uninterrupted run would")  # fmt: skip
+    return {}

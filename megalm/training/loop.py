@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config, Layout
+from megalm.convert.consolidate import TrainingState
 from megalm.data.loader import Split, TrainBatches, eval_batches, num_windows
 from megalm.model.transformer import param_count
 from megalm.parallel import ParallelState, global_grad_norm
 from megalm.progress import Progress
-from megalm.training import checkpoint
+from megalm.training import async_checkpoint, checkpoint, relayout
 from megalm.training.metrics import (
     MetricsWriter,
     check_log_backends,
@@ -171,6 +172,9 @@ class Trainer:
         self.data_wait_s = 0.0  # this rank's seconds in train.next_step() since the last metrics row
         self.flops_tok = flops_per_token(cfg.model, param_count(cfg.model)["matmul"])
         self.last_grad_norm: float | torch.Tensor | None = None  # of the last step, read when logged
+        self.saver = async_checkpoint.BackgroundSaver()  # checkpoint.async: the save in flight, if any
+        if cfg.checkpoint.async_:
+            async_checkpoint.check_host_memory(engine)  # refuse now rather than at the first save
 
     # ------------------------------------------------------------------------------------------ state and checkpoints
 
@@ -184,20 +188,33 @@ class Trainer:
         self.state.load_state_dict(state)
         self.train.load_state_dict(state["loader"])
 
-    def save(self, log=print) -> Path:
-        """Collective: checkpoint the run at its current step into checkpoint.dir (see megalm.training.checkpoint)."""
+    def save(self, log=print, background: bool = False) -> Path:
+        """Collective: checkpoint the run at its current step into checkpoint.dir (see megalm.training.checkpoint);
+        `background`: snapshot it and write it while training goes on (megalm.training.async_checkpoint). Either
+        way the previous background save is finished first."""
         cfg = self.cfg
         meta = {**self.state_dict(), "config": cfg.to_dict()}
-        path = checkpoint.save(self.engine, cfg.checkpoint_dir, self.state.step, meta, cfg.checkpoint.keep_last,
-                               rng_tracker=self.par.rng, log=log)  # fmt: skip
+        args = (self.engine, cfg.checkpoint_dir, self.state.step, meta, cfg.checkpoint.keep_last)
+        if background:
+            t0 = time.perf_counter()
+            path = async_checkpoint.save_in_background(*args, self.saver, rng_tracker=self.par.rng, log=log)
+            log(f"checkpoint {path.name}: state copied in {time.perf_counter() - t0:.2f} s, writing in the background")
+            return path
+        self.saver.wait()
+        path = checkpoint.save(*args, rng_tracker=self.par.rng, log=log)
         log(f"saved checkpoint {path}")
         return path
 
-    def resume(self, path: Path) -> None:
-        """Collective: continue from checkpoint `path` (saved in this layout; train.init_from moves weights across)."""
-        lay = self.layout
-        checkpoint.check_layout(path, tp=lay.tp, pp=lay.pp, dp=lay.dp)
-        self.load_state_dict(checkpoint.load(self.engine, path, rng_tracker=self.par.rng))
+    def resume(self, path: Path, moved: TrainingState | None = None) -> None:
+        """Collective: continue from checkpoint `path`. Saved in this layout, DeepSpeed loads it; otherwise `moved` is
+        its layout-free state (megalm.training.relayout), whose weights are already in the model."""
+        if moved is None:
+            self.load_state_dict(checkpoint.load(self.engine, path, rng_tracker=self.par.rng))
+            return
+        relayout.load_into_engine(self.engine, moved, self.cfg.model.n_layer, self.layout.pipeline)
+        if relayout.same_ranks(moved, self.layout):
+            checkpoint.restore_rank_state(path, self.par.rng)  # the same ranks: their RNG streams still apply
+        self.load_state_dict(moved.meta)
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -263,7 +280,7 @@ class Trainer:
             at_interval = cfg.checkpoint.interval and st.step % cfg.checkpoint.interval == 0
             saved = at_interval or (last and cfg.checkpoint.at_end)
             if saved:
-                self.save(progress.message)
+                self.save(progress.message, background=cfg.checkpoint.async_ and not last)
                 t_last = time.perf_counter()
             if not last and st.step % cfg.train.signal_check_interval == 0 and stop.agreed(self.device):
                 progress.message(f"stop signal ({stop.received.name if stop.received else 'on another rank'}): "
@@ -273,6 +290,7 @@ class Trainer:
                 if not saved:
                     self.save(progress.message)
                 break
+        self.saver.wait()  # a background save still in flight is published before the run ends or exits
         progress.close()
         return st
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import yaml
 
 from megalm.config import Config, Layout, load_config
+from megalm.convert.consolidate import MASTER, TrainingState
 from megalm.data.loader import Blend, Split, TrainBatches, load_blend, load_split
 from megalm.errors import MegalmError
 from megalm.launch.env import DistInfo, device_for, init_distributed, node_map
@@ -28,7 +29,7 @@ from megalm.model import build_model
 from megalm.model.compile import check_compile
 from megalm.model.transformer import param_count
 from megalm.parallel import ParallelState
-from megalm.training import checkpoint
+from megalm.training import checkpoint, relayout
 from megalm.training.engine import build_engine, init_deepspeed_comm, zero_stage
 from megalm.training.loop import LoopState, Trainer
 from megalm.training.metrics import check_log_backends, peak_tflops
@@ -66,7 +67,10 @@ def train(args: argparse.Namespace) -> int:
     model = build_model(cfg, layout, state).to(device)
     state.seed(cfg.train.seed)  # dropout: the same default stream on TP ranks, a TP stream per rank
     resume_path = checkpoint.resolve_resume(cfg.train.resume, cfg.checkpoint_dir)  # None: start fresh
-    if resume_path is None and cfg.train.init_from:
+    moved = None  # a checkpoint of another layout, read layout-free; its weights go into the model now
+    if resume_path is not None and (change := relayout.plan(resume_path, cfg, layout)):
+        moved = read_moved(cfg, layout, model, resume_path, change, info.rank)
+    elif resume_path is None and cfg.train.init_from:
         init_weights_from(cfg, layout, model, info.rank)
     engine = build_engine(cfg, layout, model, state)
 
@@ -75,7 +79,7 @@ def train(args: argparse.Namespace) -> int:
     nodes = node_map()
     if info.rank == 0:
         print(describe(cfg, layout, info, nodes, batches, peak), flush=True)
-    if resume_path is not None and not resume(cfg, trainer, resume_path, info.rank):
+    if resume_path is not None and not resume(cfg, trainer, resume_path, moved, info.rank):
         return 0  # already at train.max_steps: said so
     return report(cfg, run_watched(trainer, info), info.rank)
 
@@ -142,12 +146,32 @@ def init_weights_from(cfg: Config, layout: Layout, model, rank: int) -> None:
               f"fresh", flush=True)  # fmt: skip
 
 
-def resume(cfg: Config, trainer: Trainer, path: Path, rank: int) -> bool:
-    """Continue from checkpoint `path`; False (and one line saying so) when it is already at train.max_steps."""
-    trainer.resume(path)
+def read_moved(cfg: Config, layout: Layout, model, path: Path, change: str, rank: int) -> TrainingState:
+    """Read checkpoint `path` of another layout (`change`: 'saved -> this' in words) layout-free and put this rank's
+    slice of its fp32 weights into `model`; the optimizer state follows once the engine exists (Trainer.resume)."""
+    from megalm.convert.consolidate import read_training_state
+    from megalm.convert.reshard import load_into
+
+    if rank == 0:
+        print(f"resuming {path} in another layout ({change}): reading it layout-free", flush=True)
+    pipeline = layout.pipeline
+    moved = read_training_state(path, relayout.wanted_names(model, cfg.model.n_layer, pipeline))
+    load_into(model, moved.tensors[MASTER], cfg.model.n_layer, pipeline=pipeline)
+    return moved
+
+
+def resume(cfg: Config, trainer: Trainer, path: Path, moved: TrainingState | None, rank: int) -> bool:
+    """Continue from checkpoint `path` (`moved`: its layout-free state, when it was saved in another layout); False
+    (and one line saying so) when it is already at train.max_steps."""
+    trainer.resume(path, moved)
     step = trainer.state.step
     if rank == 0:
-        print(f"resumed from {path} at step {step}", flush=True)
+        carried = ""
+        if moved is not None:
+            rng = "restored" if relayout.same_ranks(moved, trainer.layout) else "fresh (tp, pp or dp changed)"
+            carried = (" in this layout: fp32 weights, AdamW moments and step, lr schedule, loop and data position "
+                       f"carried over; RNG states {rng}")  # fmt: skip
+        print(f"resumed from {path} at step {step}{carried}", flush=True)
     if step < cfg.train.max_steps:
         return True
     trainer.close()

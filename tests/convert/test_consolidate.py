@@ -110,6 +110,23 @@ def test_bad_inputs_are_named(tp1_run, tmp_path):
         save_consolidated(cfg, {k: v for k, v in state.items() if k != "norm_f.weight"}, tmp_path / "x")
 
 
+def test_consolidate_falls_back_past_a_damaged_latest_checkpoint(tp1_run, tmp_path, capsys):
+    from megalm.convert.consolidate import find_checkpoint
+
+    _, ckpt = tp1_run
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt, d)
+    shutil.copytree(d / "step_00000002", d / "step_00000001")  # an older, intact checkpoint
+    (d / "step_00000002" / "megalm_rank_0.pt").write_bytes(b"torn")
+    consolidate(d, tmp_path / "cons", log=lambda _: None)
+    err = capsys.readouterr().err
+    assert f"skipping damaged checkpoint(s) {d / 'step_00000002'}: megalm_rank_0.pt: 4 bytes" in err
+    assert f"using {d / 'step_00000001'}" in err and (tmp_path / "cons" / WEIGHTS).is_file()
+    (d / "step_00000001" / "megalm_rank_0.pt").unlink()
+    with pytest.raises(MegalmError, match=r"no valid checkpoint in .*step_00000002: .*step_00000001: megalm_rank_0"):
+        find_checkpoint(d)
+
+
 @pytest.mark.multiprocess
 def test_llama_gqa_from_tp2_pp2_into_tp4_keeps_the_loss(dataset, tmp_path):
     """Train at (tp 2, pp 2), consolidate, start at tp=4 from the consolidated directory: the loaded weights score
@@ -119,11 +136,10 @@ def test_llama_gqa_from_tp2_pp2_into_tp4_keeps_the_loss(dataset, tmp_path):
     tp4 = _run(config, tmp_path / "tp4", 4, "parallel.tp=4", f"train.init_from={cons}", *FROZEN)
     assert "initialised weights from" in tp4.stdout and "only the weights move" in tp4.stdout
     _check_loss(tmp_path / "tp4", src_loss)
-    # Resuming the source checkpoint in another layout is refused, pointing at train.init_from.
-    again = run_pretrain(config, f"train.run_dir={tmp_path / 'runs' / 'src'}", "train.max_steps=5")
-    assert again.returncode == 2, again.stderr
-    assert "saved at tp 2 pp 2 dp 1, but this run is tp 1 pp 1 dp 1" in again.stderr and "init_from" in again.stderr
-    checkpoint.check_layout(ckpt / "step_00000003", tp=2, pp=2, dp=1)  # its own layout passes
+    # The source run itself continues in one process: train.resume takes its checkpoint into the new layout.
+    again = ok(run_pretrain(config, f"train.run_dir={tmp_path / 'runs' / 'src'}", "train.max_steps=5"))
+    assert "in another layout (tp 2 pp 2 dp 1, zero 0, fp32 -> tp 1 pp 1 dp 1, zero 0, fp32)" in again.stdout
+    assert "resumed from" in again.stdout and "at step 3 in this layout" in again.stdout
 
 
 @pytest.mark.slow

@@ -349,18 +349,33 @@ def _kill_tree(pid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _kill_and_resume(kill_setup, run_dir: Path, kill_at: int, delay: float) -> None:
+BACKGROUND = "writing in the background"  # what an asynchronous save logs once its state is copied
+
+
+def _reached(run_dir: Path, log_path: Path, kill_at: int, on_background_save: bool) -> bool:
+    """Whether the run has logged step kill_at (or, on_background_save, started its kill_at-th background save)."""
+    if on_background_save:
+        return log_path.read_text().count(BACKGROUND) >= kill_at
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and any(r["step"] >= kill_at for r in read_metrics(run_dir))
+
+
+def _kill_and_resume(kill_setup, run_dir: Path, kill_at: int, delay: float, on_background_save=False) -> list[str]:
+    """SIGKILL the run `delay` s after it logs step kill_at (on_background_save: after its kill_at-th background
+    save starts), run the same command again and check every loss against the uninterrupted run; returns the
+    leftovers of interrupted saves the kill left."""
     config, torchrun, overrides, reference = kill_setup
     cmd = torchrun + [str(free_port()), str(REPO / "launcher" / "pretrain.py"), "--config", str(config),
                       f"train.run_dir={run_dir}", *overrides]  # fmt: skip
     t0 = time.monotonic()
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+    log_path = run_dir.parent / f"{run_dir.name}.log"
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
-        metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
-        while not (metrics.is_file() and any(r["step"] >= kill_at for r in read_metrics(run_dir))):
+        deadline = time.monotonic() + 120
+        while not _reached(run_dir, log_path, kill_at, on_background_save):
             assert proc.poll() is None and time.monotonic() < deadline, f"run ended before step {kill_at}"
-            time.sleep(0.01)
+            time.sleep(0.005)
         time.sleep(delay)  # land anywhere in the step: forward, backward, optimizer, checkpoint save
         _kill_tree(proc.pid)
         proc.wait()
@@ -371,7 +386,8 @@ def _kill_and_resume(kill_setup, run_dir: Path, kill_at: int, delay: float) -> N
     print(f"killed at step {killed_at} (asked {kill_at} + {delay:.3f} s) after {t1 - t0:.1f} s, leftovers "
           f"{leftovers}; the same command then ran {time.monotonic() - t1:.1f} s")  # fmt: skip
     resumed_at = int(again.stdout.split("resumed from ")[1].split(" at step ")[1].split()[0])
-    assert kill_at - 1 <= resumed_at <= killed_at, (kill_at, resumed_at, killed_at)
+    # A background save of step k is published at the latest when the save of step k+1 starts.
+    assert kill_at - (2 if on_background_save else 1) <= resumed_at <= killed_at, (kill_at, resumed_at, killed_at)
     assert f"done: step {MAX_STEPS}" in again.stdout
     if leftovers:
         assert f"removed {len(leftovers)} leftover(s) of interrupted checkpoint saves" in again.stdout
@@ -379,6 +395,7 @@ def _kill_and_resume(kill_setup, run_dir: Path, kill_at: int, delay: float) -> N
     assert [r["step"] for r in rows] == list(range(1, killed_at + 1)) + list(range(resumed_at + 1, MAX_STEPS + 1))
     for r in rows:
         assert r["loss"] == reference[r["step"]], (r["step"], r["loss"], reference[r["step"]])
+    return leftovers
 
 
 @pytest.mark.multiprocess
@@ -404,3 +421,18 @@ def test_sigkill_at_tp2_resumes_bit_for_bit_with_the_tp_rng_stream(dataset, tmp_
     """tp=2: dropout inside TP regions draws from the TP tracker's stream, which the checkpoint restores too."""
     setup = _reference(dataset, tmp_path, "parallel.tp=2")
     _kill_and_resume(setup, tmp_path / "run", kill_at=5, delay=0.05)
+
+
+@pytest.mark.multiprocess
+def test_sigkill_during_background_saves_leaves_the_previous_checkpoint_and_resumes_bit_for_bit(kill_setup, tmp_path):
+    """checkpoint.async: a save every step, each written while the next step trains; SIGKILL at three random moments
+    just after a background save started (so inside the write, or the publish); the same command resumes from the
+    newest published checkpoint and every loss equals the uninterrupted synchronous run's."""
+    config, torchrun, overrides, reference = kill_setup
+    setup = (config, torchrun, (*overrides, "checkpoint.async=true"), reference)
+    rng = random.Random(20261201)
+    points = sorted((rng.randint(2, MAX_STEPS - 3), rng.uniform(0.0, 0.05)) for _ in range(3))
+    print(f"kill points (background save, extra delay s): {[(k, round(t, 3)) for k, t in points]}")
+    leftovers = [_kill_and_resume(setup, tmp_path / f"run{i}", k, t, on_background_save=True)
+                 for i, (k, t) in enumerate(points)]  # fmt: skip
+    assert any(leftovers), "no kill landed inside a save"

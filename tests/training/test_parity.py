@@ -71,7 +71,7 @@ def test_table_and_exit_code(dataset, tmp_path, monkeypatch, capsys):
     base = {1: 5.0, 2: 4.0, 3: 3.0}
     fake = {Layout(1, 2, 1, 0): {1: 5.0, 2: 4.0 * (1 + 2e-6), 3: 3.0}, Layout(2, 1, 2, 1): {1: 5.0, 2: 4.0, 3: 3.003}}
 
-    def run_layout(args, layout, out):
+    def run_layout(args, layout, out, extra=(), resumed=False):
         if layout == Layout(1, 1, 2, 0):
             return Outcome(layout, error="exit 1: RuntimeError: boom")
         return Outcome(layout, losses=base if layout == BASELINE else fake[layout], seconds=1.0)
@@ -121,6 +121,23 @@ def test_check_parity_pp4_and_tp2_dp2_zero3(dataset, tmp_path):
     assert "the 2 layouts that ran match; 1 skipped (see SKIP above)" in result.stdout
     assert "all layouts match" not in result.stdout
     assert len(parity.read_losses(tmp_path / "parity" / "1-4-1-0")) == 3
+
+
+@pytest.mark.multiprocess
+def test_check_parity_resumes_the_baselines_checkpoint_in_each_layout(dataset, tmp_path):
+    """--resume-at: the baseline (tp 2) saves at step 2; (1,1,2,1) and the baseline's own layout resume it."""
+    config = tiny_config(tmp_path, dataset, train={"eval_interval": 0})
+    out = tmp_path / "parity"
+    result = megalm("check-parity", "--config", str(config), "--steps", "4", "--resume-at", "2", "--baseline",
+                    "2,1,1,0", "--layouts", "1,1,2,1;2,1,1,0", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "every layout resumes the baseline's checkpoint of step 2" in result.stdout
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("(")}
+    assert rows["(1,1,2,1)"].rstrip().endswith("pass") and rows["(2,1,1,0)"].rstrip().endswith("pass")
+    assert float(rows["(2,1,1,0)"].split()[2]) == 0.0  # its own layout: DeepSpeed's load, bit for bit
+    resumed = parity.read_losses(out / "1-1-2-1-resumed")
+    assert sorted(resumed) == [3, 4] and "in another layout" in (out / "1-1-2-1-resumed.log").read_text()
+    assert megalm("check-parity", "--config", str(config), "--steps", "4", "--resume-at", "4").returncode == 2
 
 
 @pytest.mark.slow

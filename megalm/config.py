@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import keyword
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -358,6 +359,11 @@ def _fail(cfg: Config, key: str, msg: str) -> typing.NoReturn:
     raise MegalmError(f"config error in {cfg.source}: {key}: {msg}")
 
 
+_ZERO_MEANS = {"checkpoint.interval": "only at the end", "checkpoint.keep_last": "keep all",
+               "train.eval_interval": "only at the end", "optim.decay_steps": "train.max_steps",
+               "optim.grad_clip": "no clipping", "data.num_workers": "load in the training process"}  # fmt: skip
+
+
 def _validate_model(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     positive = {
@@ -370,6 +376,20 @@ def _validate_model(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             _fail(cfg, key, f"must be positive, got {value}")
+    c, o = cfg.checkpoint, cfg.optim
+    non_negative = {
+        "checkpoint.interval": c.interval, "checkpoint.keep_last": c.keep_last, "train.eval_interval": t.eval_interval,
+        "train.eval_iters": t.eval_iters, "data.num_workers": cfg.data.num_workers, "optim.decay_steps": o.decay_steps,
+        "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip, "optim.eps": o.eps,
+    }  # fmt: skip
+    for key, value in non_negative.items():
+        if value is not None and value < 0:
+            zero = f" (0: {_ZERO_MEANS[key]})" if key in _ZERO_MEANS else ""
+            _fail(cfg, key, f"must be >= 0{zero}, got {value}")
+    if t.collective_timeout_s <= 0:
+        _fail(cfg, "train.collective_timeout_s", f"must be positive (seconds), got {t.collective_timeout_s}")
+    if m.init_std <= 0:
+        _fail(cfg, "model.init_std", f"must be positive, got {m.init_std}")
     if m.d_model % m.n_head:
         _fail(cfg, "model.n_head", f"{m.n_head} does not divide model.d_model={m.d_model}")
     if m.n_kv_head is not None and (m.n_kv_head <= 0 or m.n_head % m.n_kv_head):
@@ -474,14 +494,16 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
             raise MegalmError(f"config error in {src}: {key}: expected a mapping, got {value!r}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if tp in (int, float, str, bool) and type(value) is not tp:
         raise MegalmError(f"config error in {src}: {key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):  # YAML's .nan and .inf, or "nan" given on the command line
+        raise MegalmError(f"config error in {src}: {key}: {value!r} is not a finite number")
     return value
 
 

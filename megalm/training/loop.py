@@ -24,6 +24,7 @@ from megalm.model.transformer import param_count
 from megalm.parallel import ParallelState, global_grad_norm
 from megalm.progress import Progress
 from megalm.training import async_checkpoint, checkpoint, relayout
+from megalm.training.health import NonFiniteGuard
 from megalm.training.metrics import (
     MetricsWriter,
     check_log_backends,
@@ -173,6 +174,7 @@ class Trainer:
         self.flops_tok = flops_per_token(cfg.model, param_count(cfg.model)["matmul"])
         self.last_grad_norm: float | torch.Tensor | None = None  # of the last step, read when logged
         self.saver = async_checkpoint.BackgroundSaver()  # checkpoint.async: the save in flight, if any
+        self.health = NonFiniteGuard(device)  # a NaN/inf loss or grad norm stops the run, checked without a sync
         if cfg.checkpoint.async_:
             async_checkpoint.check_host_memory(engine)  # refuse now rather than at the first save
 
@@ -192,6 +194,7 @@ class Trainer:
         """Collective: checkpoint the run at its current step into checkpoint.dir (see megalm.training.checkpoint);
         `background`: snapshot it and write it while training goes on (megalm.training.async_checkpoint). Either
         way the previous background save is finished first."""
+        self.health.check()  # nothing non-finite is ever written
         cfg = self.cfg
         meta = {**self.state_dict(), "config": cfg.to_dict()}
         args = (self.engine, cfg.checkpoint_dir, self.state.step, meta, cfg.checkpoint.keep_last)
@@ -264,6 +267,7 @@ class Trainer:
             with sync_debug(cfg.train.sync_debug if st.step > 0 else "off", self.device):
                 loss, self.last_grad_norm = train_step(self.engine, micro_batches, self.layout, self.par)
             losses.append(loss)
+            self.health.observe(st.step + 1, loss, self.last_grad_norm)
             if not compile_reported:  # this process's first step compiled the blocks (model.compile)
                 progress.message(self.compile_report())
                 compile_reported = True
@@ -272,7 +276,9 @@ class Trainer:
             last = st.step == cfg.train.max_steps
             if st.step % cfg.train.log_interval == 0 or last:
                 now = time.perf_counter()
-                self.emit(self.log_row(st.step, losses, now - t_last, st.consumed_tokens - tok_last), progress)
+                row = self.log_row(st.step, losses, now - t_last, st.consumed_tokens - tok_last)
+                self.emit(row, progress)
+                self.health.check_row(row)
                 losses, t_last, tok_last = [], now, st.consumed_tokens
             if self.val is not None and ((cfg.train.eval_interval and st.step % cfg.train.eval_interval == 0) or last):
                 self.run_eval(progress)
@@ -282,7 +288,7 @@ class Trainer:
             if saved:
                 self.save(progress.message, background=cfg.checkpoint.async_ and not last)
                 t_last = time.perf_counter()
-            if not last and st.step % cfg.train.signal_check_interval == 0 and stop.agreed(self.device):
+            if not last and st.step % cfg.train.signal_check_interval == 0 and stop.agreed(self.device, self.health):
                 progress.message(f"stop signal ({stop.received.name if stop.received else 'on another rank'}): "
                                  f"saving a checkpoint at step {st.step} and exiting")  # fmt: skip
                 st.preempted = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import resource
@@ -148,6 +149,11 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
+def strict_json(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with non-finite floats (NaN, inf) as null: metrics.jsonl stays valid JSON, and readers see no value."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 class MetricsWriter:
     """Appends one JSON object per row to metrics.jsonl; mirrors the numeric values to TensorBoard (tag = key)
     and Weights & Biases when enabled. Values that are None (e.g. mfu without a known peak) are skipped there."""
@@ -163,7 +169,7 @@ class MetricsWriter:
         return cls(cfg.run_dir, cfg.log.tensorboard, WandbLogger(cfg) if cfg.log.wandb else None)
 
     def write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in row.items():

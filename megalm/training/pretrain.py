@@ -31,6 +31,7 @@ from megalm.model.transformer import param_count
 from megalm.parallel import ParallelState
 from megalm.training import checkpoint, relayout
 from megalm.training.engine import build_engine, init_deepspeed_comm, zero_stage
+from megalm.training.health import NonFiniteError
 from megalm.training.loop import LoopState, Trainer
 from megalm.training.metrics import check_log_backends, peak_tflops
 from megalm.training.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, StopSignals
@@ -188,6 +189,12 @@ def run_watched(trainer: Trainer, info: DistInfo) -> LoopState:
     heartbeat = Heartbeat().start() if info.world_size > 1 else None
     try:
         result = trainer.run(stop)
+    except NonFiniteError as e:  # every rank decides alike: the guard's values are all-reduced
+        trainer.saver.wait()  # a background save of an earlier, finite step is published
+        raise NonFiniteError(f"{e}: the run stops, and nothing was saved from a non-finite state. "
+                             f"{newest_checkpoint(trainer.cfg)} Lower optim.lr (now {trainer.cfg.optim.lr:g}) or "
+                             f"check the data, then continue from a checkpoint before that step "
+                             f"(train.resume=PATH)") from None  # fmt: skip
     except RuntimeError as e:  # a peer died or a collective timed out: say which rank stopped
         if not is_collective_failure(e):
             raise
@@ -195,6 +202,11 @@ def run_watched(trainer: Trainer, info: DistInfo) -> LoopState:
     stop.restore()
     trainer.close()
     return result
+
+
+def newest_checkpoint(cfg: Config) -> str:
+    tags = checkpoint.list_tags(cfg.checkpoint_dir)
+    return f"The newest checkpoint is {cfg.checkpoint_dir / tags[-1]}." if tags else "No checkpoint was saved."
 
 
 def report(cfg: Config, result: LoopState, rank: int) -> int:

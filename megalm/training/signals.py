@@ -34,11 +34,17 @@ class StopSignals:
                   "without saving)", file=sys.stderr, flush=True)  # fmt: skip
         self.received = signal.Signals(signum)
 
-    def agreed(self, device: torch.device) -> bool:
-        """Collective: True on every rank if any rank has received a stop signal."""
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
+    def agreed(self, device: torch.device, health=None) -> bool:
+        """Collective: True on every rank if any rank has received a stop signal. `health` (a NonFiniteGuard) rides
+        in the same all-reduce: NonFiniteError on every rank if any rank saw a non-finite step."""
+        flag = torch.tensor([0.0 if self.received is None else 1.0], dtype=torch.float64, device=device)
+        if health is not None:
+            flag = torch.cat([flag, health.first])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        values = flag.tolist()
+        if health is not None:
+            health.raise_if_bad(values[1:])
+        return bool(values[0])
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

@@ -34,6 +34,19 @@ def test_a_snapshot_is_unchanged_by_later_training():
     assert snap["scaler"].cur_scale == 1.0
 
 
+def test_staged_snapshots_reuse_their_host_buffers():
+    staging: dict = {}
+    w = torch.arange(4.0)
+    first = async_checkpoint.snapshot({"w": w, "l": [w[:2]]}, pinned=False, staging=staging, key="f.pt")
+    w.mul_(10)
+    second = async_checkpoint.snapshot({"w": w, "l": [w[:2]]}, pinned=False, staging=staging, key="f.pt")
+    assert sorted(staging) == ["f.pt/l/0", "f.pt/w"]
+    assert second["w"].data_ptr() == first["w"].data_ptr() and torch.equal(second["w"], w)
+    assert torch.equal(second["l"][0], w[:2]) and second["l"][0].data_ptr() != w.data_ptr()
+    grown = async_checkpoint.snapshot({"w": torch.ones(6)}, pinned=False, staging=staging, key="f.pt")
+    assert grown["w"].shape == (6,) and staging["f.pt/w"] is grown["w"]  # another shape: a new buffer
+
+
 def _fake_engine(numel: int):
     module = torch.nn.Linear(numel, 1, bias=False)
     return types.SimpleNamespace(module=module, optimizer=torch.optim.AdamW(module.parameters()))

@@ -294,15 +294,16 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "RANK" in os.environ:  # a worker under torchrun: the arguments come in the environment (torchrun would
+        worker(parse_args(json.loads(os.environ["MEGALM_BENCH_ARGS"])))  # take --nproc for its own --nproc-per-node)
     args = parse_args(argv)
-    if "RANK" in os.environ:
-        worker(args)
     root = Path(args.dir or tempfile.mkdtemp(prefix="megalm-ckpt-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        env = dict(os.environ, MEGALM_BENCH_DIR=str(root))
+        forwarded = argv if argv is not None else sys.argv[1:]
+        env = dict(os.environ, MEGALM_BENCH_DIR=str(root), MEGALM_BENCH_ARGS=json.dumps(forwarded))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_port", str(free_port()), __file__, *(argv if argv is not None else sys.argv[1:])]  # fmt: skip
+               "--master_port", str(free_port()), __file__]  # fmt: skip
         if subprocess.run(cmd, env=env).returncode != 0:
             return 1
         if args.preempt:

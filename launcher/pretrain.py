@@ -12,6 +12,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalm.training.signals import install_early  # noqa: E402  (imports nothing heavy)
+
+install_early()  # a SIGTERM during the imports and engine build exits 75 (requeue), not 143
+
 from megalm.training.pretrain import run_and_exit  # noqa: E402
 
 if __name__ == "__main__":

@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `megalm` command."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
+        from megalm.training.signals import install_early
+
+        install_early()  # before the slow imports: a SIGTERM during start-up exits 75, not 143
         from megalm.training.pretrain import run_and_exit
 
         run_and_exit(_dispatch, argv)

@@ -467,6 +467,18 @@ def _candidates(resume: str, ckpt_dir: Path) -> tuple[list[Path], bool]:
     return [path / t for t in reversed(tags)], True
 
 
+def _refuse_mixing(ckpt_dir: Path) -> None:
+    """train.resume=none into a checkpoint.dir holding checkpoints would mix two runs' checkpoints (and retention
+    would prune the new run's for the old ones): MegalmError saying what to do instead."""
+    tags = list_tags(ckpt_dir)
+    if tags:
+        span = tags[0] if len(tags) == 1 else f"{tags[0]} ... {tags[-1]}"
+        raise MegalmError(f"train.resume=none, but {ckpt_dir} holds the checkpoints of an earlier run ({span}): a "
+                          f"fresh start there would mix the two runs' checkpoints. Give this run its own "
+                          f"train.run_dir (or checkpoint.dir), move those checkpoints away, or continue them with "
+                          f"train.resume=auto")  # fmt: skip
+
+
 def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     """Collective: the checkpoint train.resume names, verified; None to start fresh.
 
@@ -475,6 +487,7 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     valid (after a warning per damaged one, so nothing is silently started over).
     """
     if resume == "none":
+        _on_rank0(lambda: _refuse_mixing(ckpt_dir))
         return None
     candidates, explicit = _on_rank0(lambda: _candidates(resume, ckpt_dir))
     damaged: list[str] = []
@@ -491,7 +504,7 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
         raise MegalmError(f"train.resume: checkpoint {damaged[0]}")
     where = candidates[0].parent
     raise MegalmError(f"no valid checkpoint to resume from in {where} ({len(damaged)} damaged, see the warnings "
-                      f"above); move them away, or set train.resume=none to start over")  # fmt: skip
+                      f"above); move them away to start over")  # fmt: skip
 
 
 # --- DeepSpeed's file names inside a checkpoint (the one place that knows them) ---------------------------------

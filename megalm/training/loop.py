@@ -23,7 +23,7 @@ from megalm.data.loader import Split, TrainBatches, eval_batches, num_windows
 from megalm.model.transformer import param_count
 from megalm.parallel import ParallelState, global_grad_norm
 from megalm.progress import Progress
-from megalm.training import async_checkpoint, checkpoint, relayout
+from megalm.training import async_checkpoint, changes, checkpoint, relayout
 from megalm.training.health import NonFiniteGuard
 from megalm.training.metrics import (
     MetricsWriter,
@@ -208,16 +208,20 @@ class Trainer:
         log(f"saved checkpoint {path}")
         return path
 
-    def resume(self, path: Path, moved: TrainingState | None = None) -> None:
+    def resume(self, path: Path, moved: TrainingState | None = None) -> list[str]:
         """Collective: continue from checkpoint `path`. Saved in this layout, DeepSpeed loads it; otherwise `moved` is
-        its layout-free state (megalm.training.relayout), whose weights are already in the model."""
+        its layout-free state (megalm.training.relayout), whose weights are already in the model. This run's
+        optimizer hyperparameters take effect; returns how its config differs from the checkpoint's."""
         if moved is None:
-            self.load_state_dict(checkpoint.load(self.engine, path, rng_tracker=self.par.rng))
-            return
-        relayout.load_into_engine(self.engine, moved, self.cfg.model.n_layer, self.layout.pipeline)
-        if relayout.same_ranks(moved, self.layout):
-            checkpoint.restore_rank_state(path, self.par.rng)  # the same ranks: their RNG streams still apply
-        self.load_state_dict(moved.meta)
+            meta = checkpoint.load(self.engine, path, rng_tracker=self.par.rng)
+        else:
+            relayout.load_into_engine(self.engine, moved, self.cfg.model.n_layer, self.layout.pipeline)
+            if relayout.same_ranks(moved, self.layout):
+                checkpoint.restore_rank_state(path, self.par.rng)  # the same ranks: their RNG streams still apply
+            meta = moved.meta
+        self.load_state_dict(meta)
+        changes.apply_hyperparameters(self.engine, self.cfg)
+        return changes.config_changes(meta.get("config", {}), self.cfg)
 
     # ------------------------------------------------------------------------------------------ the loop
 

@@ -29,7 +29,7 @@ from megalm.model import build_model
 from megalm.model.compile import check_compile
 from megalm.model.transformer import param_count
 from megalm.parallel import ParallelState
-from megalm.training import checkpoint, relayout
+from megalm.training import checkpoint, relayout, rundir
 from megalm.training.engine import build_engine, init_deepspeed_comm, zero_stage
 from megalm.training.health import NonFiniteError
 from megalm.training.loop import LoopState, Trainer
@@ -63,7 +63,7 @@ def train(args: argparse.Namespace) -> int:
     batches = TrainBatches(train_split, layout=layout, dp_rank=state.dp_rank, seq_len=cfg.model.seq_len,
                            seed=cfg.train.seed, num_workers=cfg.data.num_workers,
                            on_error=cfg.data.on_error)  # fmt: skip
-    prepare_run_dir(cfg, info.rank)
+    lock_run_dir(cfg)  # one run per run directory
 
     model = build_model(cfg, layout, state).to(device)
     state.seed(cfg.train.seed)  # dropout: the same default stream on TP ranks, a TP stream per rank
@@ -73,6 +73,7 @@ def train(args: argparse.Namespace) -> int:
         moved = read_moved(cfg, layout, model, resume_path, change, info.rank)
     elif resume_path is None and cfg.train.init_from:
         init_weights_from(cfg, layout, model, info.rank)
+    record_config(cfg, info.rank)
     engine = build_engine(cfg, layout, model, state)
 
     peak = peak_tflops(cfg.log.peak_tflops)
@@ -106,11 +107,28 @@ def load_data(cfg: Config) -> tuple[Blend, Split | None]:
     return train_data, val
 
 
-def prepare_run_dir(cfg: Config, rank: int) -> None:
+def lock_run_dir(cfg: Config) -> None:
+    """Collective: rank 0 takes the run directory's lock (one run per directory) and checks that checkpoint.dir
+    can be written, before training rather than at the first save; every rank raises if either fails."""
+
+    def lock():
+        rundir.lock_run_dir(cfg.run_dir)
+        d = cfg.checkpoint_dir
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MegalmError(f"checkpoint.dir {d} cannot be created: {e.strerror}") from None
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise MegalmError(f"checkpoint.dir {d} is not writable: checkpoints could not be saved; fix its "
+                              f"permissions or set checkpoint.dir to a writable directory")  # fmt: skip
+
+    checkpoint._on_rank0(lock)
+
+
+def record_config(cfg: Config, rank: int) -> None:
+    """Rank 0: the resolved config into <run_dir>/config.yaml (once the run is known to go ahead)."""
     if rank == 0:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    dist.barrier()
 
 
 def describe(cfg: Config, layout: Layout, info: DistInfo, nodes: str, batches: TrainBatches, peak: tuple) -> str:
@@ -164,7 +182,7 @@ def read_moved(cfg: Config, layout: Layout, model, path: Path, change: str, rank
 def resume(cfg: Config, trainer: Trainer, path: Path, moved: TrainingState | None, rank: int) -> bool:
     """Continue from checkpoint `path` (`moved`: its layout-free state, when it was saved in another layout); False
     (and one line saying so) when it is already at train.max_steps."""
-    trainer.resume(path, moved)
+    changed = trainer.resume(path, moved)
     step = trainer.state.step
     if rank == 0:
         carried = ""
@@ -173,6 +191,9 @@ def resume(cfg: Config, trainer: Trainer, path: Path, moved: TrainingState | Non
             carried = (" in this layout: fp32 weights, AdamW moments and step, lr schedule, loop and data position "
                        f"carried over; RNG states {rng}")  # fmt: skip
         print(f"resumed from {path} at step {step}{carried}", flush=True)
+        if changed:
+            print(f"the config differs from the checkpoint's, and this run's values take effect (the lr schedule and "
+                  f"AdamW follow them from step {step}): {'; '.join(changed)}", flush=True)  # fmt: skip
     if step < cfg.train.max_steps:
         return True
     trainer.close()
@@ -186,6 +207,15 @@ def resume(cfg: Config, trainer: Trainer, path: Path, moved: TrainingState | Non
 def run_watched(trainer: Trainer, info: DistInfo) -> LoopState:
     """trainer.run() with stop signals caught (preemption) and a dead or hung peer named by the heartbeats."""
     stop = StopSignals()
+    if stop.agreed(trainer.device):  # SIGTERM/SIGUSR1 during start-up (install_early): no step ran, nothing to save
+        st = trainer.state
+        st.preempted, st.stop_signal = True, stop.received.name if stop.received else None
+        if info.rank == 0:
+            print(f"stop signal during start-up ({st.stop_signal or 'on another rank'}): exiting before the first "
+                  f"step; the newest checkpoint is as it was", flush=True)  # fmt: skip
+        stop.restore()
+        trainer.close()
+        return st
     heartbeat = Heartbeat().start() if info.world_size > 1 else None
     try:
         result = trainer.run(stop)
@@ -256,11 +286,13 @@ def run_and_exit(main_fn=main, argv: list[str] | None = None) -> None:
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         if first_to_report(str(e)):  # the same error on every rank prints once
             print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        rundir.release_all()
         os._exit(2)
     except KeyboardInterrupt:
         os._exit(130)
     if dist.is_initialized():
         dist.barrier()
+    rundir.release_all()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -11,19 +11,26 @@ from __future__ import annotations
 import signal
 import sys
 
-import torch
-import torch.distributed as dist
-
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "temporary failure, try again"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 INTERRUPTED_EXIT_CODE = 130  # after Ctrl-C, as a shell reports it (128 + SIGINT)
+EARLY_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C during start-up still interrupts at once
+_early: list[signal.Signals] = []  # what arrived between install_early() and StopSignals
+
+
+def install_early() -> None:
+    """At process start, before the slow imports and the engine build: record SIGTERM/SIGUSR1 instead of dying of
+    them (143/138, which a scheduler does not requeue); StopSignals takes them over, and the run then exits
+    PREEMPTED_EXIT_CODE before its first step. This module imports nothing heavy, so it can run first."""
+    for s in EARLY_SIGNALS:
+        signal.signal(s, lambda signum, frame: _early.append(signal.Signals(signum)))
 
 
 class StopSignals:
     """Installs handlers that record SIGTERM/SIGUSR1; `agreed()` tells every rank whether any rank got one."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
-        self.received: signal.Signals | None = None
+        self.received: signal.Signals | None = _early[0] if _early else None  # during start-up (install_early)
         self._previous = {s: signal.signal(s, self._record) for s in signals}
 
     def _record(self, signum: int, frame) -> None:
@@ -34,9 +41,12 @@ class StopSignals:
                   "without saving)", file=sys.stderr, flush=True)  # fmt: skip
         self.received = signal.Signals(signum)
 
-    def agreed(self, device: torch.device, health=None) -> bool:
+    def agreed(self, device, health=None) -> bool:
         """Collective: True on every rank if any rank has received a stop signal. `health` (a NonFiniteGuard) rides
         in the same all-reduce: NonFiniteError on every rank if any rank saw a non-finite step."""
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([0.0 if self.received is None else 1.0], dtype=torch.float64, device=device)
         if health is not None:
             flag = torch.cat([flag, health.first])

@@ -182,10 +182,11 @@ def check_damaged_checkpoints(rank: int, world: int, root: str) -> None:
         (d / "step_00000001" / "megalm_rank_1.pt").unlink()
     dist.barrier()
     msg, _ = _warnings(lambda: _raises(lambda: checkpoint.resolve_resume("auto", d), "no valid checkpoint"))
-    assert "train.resume=none" in msg
+    assert "move them away to start over" in msg
     _warnings(lambda: _raises(lambda: checkpoint.resolve_resume(str(d), d), "no valid checkpoint", str(d)))
     assert checkpoint.resolve_resume("auto", Path(root) / "empty") is None  # nothing saved yet: start fresh
-    assert checkpoint.resolve_resume("none", d) is None
+    _raises(lambda: checkpoint.resolve_resume("none", d), "train.resume=none, but", "earlier run")
+    assert checkpoint.resolve_resume("none", Path(root) / "empty") is None
 
 
 @pytest.mark.multiprocess

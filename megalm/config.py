@@ -287,6 +287,7 @@ class Config:
         _validate_parallel(self)
         _validate_precision(self)
         _validate_optim_and_batch(self)
+        _validate_deepspeed(self)
         if world_size is not None:
             self.layout(world_size)
 
@@ -460,6 +461,44 @@ def _validate_precision(cfg: Config) -> None:
 # --------------------------------------------------------------------------- loading
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKey(f"duplicate key {key!r} at line {line} (first at line {seen[key] + 1}): the "
+                                    f"second would silently replace the first; merge them")  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (accumulation = global / (micro x dp))",
+    "gradient_clipping": "optim.grad_clip", "bf16": "precision.dtype", "fp16": "precision.dtype and precision.*",
+    "optimizer": "optim.* (megalm builds AdamW)", "scheduler": "optim.lr, warmup_steps, decay_steps, min_lr",
+    "zero_optimization.stage": "zero.stage", "zero_optimization.offload_optimizer": "zero.offload_optimizer",
+    "zero_optimization.offload_param": "zero.offload_param",
+}  # fmt: skip
+"""DeepSpeed keys megalm sets from its own sections: a `deepspeed:` block may not set them too."""
+
+
+def _validate_deepspeed(cfg: Config) -> None:
+    given = set(cfg.deepspeed) | {f"{k}.{sub}" for k, v in cfg.deepspeed.items() if isinstance(v, dict) for sub in v}
+    for key, own in _DEEPSPEED_OWNED.items():
+        if key in given:
+            _fail(cfg, f"deepspeed.{key}", f"megalm sets this from {own}; set it there instead (two places for one "
+                                           f"setting would disagree)")  # fmt: skip
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -577,9 +616,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise MegalmError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise MegalmError(f"config file {path} is not valid YAML: {e}") from None
+        except _DuplicateKey as e:
+            raise MegalmError(f"config error in {path}: {e}") from None
         cfg.name, cfg.source = path.stem, str(path)
         _fill(cfg, data, "", str(path))
     if overrides:

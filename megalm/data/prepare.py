@@ -415,6 +415,9 @@ def prepare(
         if stream.num_tokens == 0:
             dropped = f" ({summary(stream.clean_counts, clean)})" if clean.any else ""
             raise MegalmError(f"no tokens left from the {stream.stats.documents} documents in the inputs{dropped}")
+        if stream.num_tokens <= len(stream.doc_starts) * (tok.eot_id is not None):  # end-of-text markers only
+            raise MegalmError(f"no text in the inputs: their {stream.stats.documents} document(s) are all empty "
+                              f"({', '.join(map(str, inputs))})")  # fmt: skip
         return _write_splits(stream, tok, output, files, val_fraction=val_fraction, sample_tokens=sample_tokens,
                              shard_tokens=shard_tokens, clean=clean)  # fmt: skip
     finally:

@@ -24,7 +24,7 @@ import torch
 
 from megalm.data.shards import Split, iter_shard, load_split
 from megalm.data.tokenizer import Tokenizer
-from megalm.errors import MegalmError
+from megalm.errors import MegalmError, read_utf8
 from megalm.inference.load import Loaded, check_vocab, find_tokenizer, load_model
 from megalm.inference.stream import IncrementalDecoder
 from megalm.progress import progress_bar
@@ -137,7 +137,7 @@ def evaluate(loaded: Loaded, data: str, *, seq_len: int | None = None, batch_siz
     if isinstance(source, Path):
         tok = find_tokenizer(cfg, loaded.path, tokenizer)
         check_vocab(tok, cfg, f"--data {data}")
-        ids = np.asarray(tok.encode(source.read_text(encoding="utf-8")), dtype=np.int64)
+        ids = np.asarray(tok.encode(read_utf8(source, "--data")), dtype=np.int64)
         if len(ids) < 2:
             raise MegalmError(f"--data {data}: {len(ids)} token(s) after tokenizing; need at least 2 to score one")
         chunks, available = iter([ids]), len(ids) - 1

@@ -11,6 +11,7 @@ context (model.seq_len), which is reported on stderr.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megalm.errors import MegalmError
+from megalm.errors import MegalmError, read_utf8
 from megalm.inference.load import check_vocab, find_tokenizer, load_model
 from megalm.inference.stream import IncrementalDecoder
 from megalm.model.transformer import GPT
@@ -38,8 +39,8 @@ class Sampling:
         """Clear errors for values out of range."""
         if self.max_new_tokens < 1:
             raise MegalmError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
-        if self.temperature < 0:
-            raise MegalmError(f"--temperature {self.temperature}: must be >= 0 (0 is greedy)")
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # NaN fails every comparison
+            raise MegalmError(f"--temperature {self.temperature}: must be a finite number >= 0 (0 is greedy)")
         if self.top_k < 0:
             raise MegalmError(f"--top-k {self.top_k}: must be >= 0 (0 keeps every token)")
         if not 0.0 < self.top_p <= 1.0:
@@ -145,7 +146,7 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
         path = Path(prompts_file)
         if not path.is_file():
             raise MegalmError(f"--prompts-file {path}: file not found")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += [line for line in read_utf8(path, "--prompts-file").splitlines() if line.strip()]
     if not prompts:
         raise MegalmError("nothing to generate from: give --prompt TEXT or --prompts-file FILE (one prompt a line)")
     return prompts

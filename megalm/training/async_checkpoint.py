@@ -42,6 +42,7 @@ from megalm.errors import MegalmError
 from megalm.training import checkpoint
 
 MARKER = ".written-rank-{rank}.json"
+FAILED = ".failed-rank-{rank}.txt"
 POLL_S = 0.05
 
 
@@ -88,11 +89,20 @@ def snapshot_engine_class() -> type:
 
 
 def _write(jobs: list[tuple[str, Any]], tmp: Path, rank: int) -> None:
-    """This rank's background part: write and fsync every file, then the marker holding their size and sha256."""
+    """This rank's background part: write and fsync every file, then the marker holding their size and sha256;
+    on a failure (a full disk), a failure marker saying what failed, for rank 0 to stop waiting."""
     records = {}
     for path, state in jobs:
-        torch.save(state, path)
-        records[os.path.relpath(path, tmp)] = checkpoint.file_digest(Path(path), fsync=True)
+        try:
+            torch.save(state, path)
+            records[os.path.relpath(path, tmp)] = checkpoint.file_digest(Path(path), fsync=True)
+        except (OSError, RuntimeError) as e:
+            what = checkpoint.write_error(path, e)
+            try:
+                (tmp / FAILED.format(rank=rank)).write_text(what)
+            except OSError:
+                pass  # rank 0 then waits until its timeout
+            raise MegalmError(what) from None
     marker = tmp / MARKER.format(rank=rank)
     part = marker.with_name(marker.name + ".part")
     with open(part, "w") as f:
@@ -107,6 +117,9 @@ def _gather_markers(tmp: Path, world: int, timeout_s: float) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     markers = [tmp / MARKER.format(rank=r) for r in range(world)]
     while not all(m.is_file() for m in markers):
+        failed = sorted(tmp.glob(FAILED.format(rank="*")))
+        if failed:
+            raise MegalmError(f"rank {failed[0].name.split('-')[-1].split('.')[0]} failed {failed[0].read_text()}")
         if time.monotonic() > deadline:
             missing = [r for r, m in enumerate(markers) if not m.is_file()]
             raise MegalmError(
@@ -204,7 +217,14 @@ def save_in_background(
         _write(jobs, tmp, rank)
         jobs.clear()  # the host copy is freed as soon as it is written
         if rank == 0:
-            gathered = _gather_markers(tmp, world, saver.timeout_s)
+            try:
+                gathered = _gather_markers(tmp, world, saver.timeout_s)
+            except MegalmError as e:
+                checkpoint._abandon(tmp)  # nothing of it is published; the previous checkpoint stays `latest`
+                raise MegalmError(
+                    f"checkpoint step {step} was not saved: {e}; {ckpt_dir / 'latest'} still names "
+                    f"the previous checkpoint"
+                ) from None
             checkpoint._publish(tmp, final, step, gathered)
             checkpoint._prune(ckpt_dir, keep_last)
             log(f"saved checkpoint {final} (written in the background)")

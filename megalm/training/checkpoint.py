@@ -227,10 +227,16 @@ def safe_engine_class() -> type:
         def __init__(self, original: TorchCheckpointEngine):
             self.__dict__.update(original.__dict__)
             self.written: dict[str, dict[str, Any]] = {}
+            self.failed: str | None = None  # the first write that failed (e.g. a full disk), reported after
 
         def save(self, state_dict, path: str) -> None:
-            super().save(state_dict, path)
-            self.written[os.path.abspath(path)] = file_digest(Path(path), fsync=True)
+            if self.failed is not None:
+                return
+            try:  # a failure must not stop this rank alone inside DeepSpeed's collective save: record it
+                super().save(state_dict, path)
+                self.written[os.path.abspath(path)] = file_digest(Path(path), fsync=True)
+            except (OSError, RuntimeError) as e:
+                self.failed = write_error(path, e)
 
         def load(self, path: str, map_location=None):
             return safe_load(path, map_location)
@@ -300,13 +306,27 @@ def save(
     tmp = ckpt_dir / f"{TMP_PREFIX}{tag}"
     _on_rank0(lambda: _begin(ckpt_dir, tmp, log))
     safe.written.clear()
+    safe.failed = None
     client = {"megalm": metadata, PARAM_NAMES: optimizer_param_names(engine)}
     engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client, save_latest=False)
     own = tmp / rank_file(rank)
-    torch.save({"rank": rank, "world_size": _world(), "rng": rng_state(rng_tracker), **(rank_state or {})}, own)
     records = {os.path.relpath(p, tmp): d for p, d in safe.written.items()}
-    records[own.name] = file_digest(own, fsync=True)
-    gathered = _all_gather(records)  # every rank has finished (and fsynced) its files
+    if safe.failed is None:
+        try:
+            torch.save({"rank": rank, "world_size": _world(), "rng": rng_state(rng_tracker), **(rank_state or {})},
+                       own)  # fmt: skip
+            records[own.name] = file_digest(own, fsync=True)
+        except (OSError, RuntimeError) as e:
+            safe.failed = write_error(own, e)
+    gathered = _all_gather((records, safe.failed))  # every rank has finished (and fsynced) its files, or failed
+    failures = [(r, f) for r, (_, f) in enumerate(gathered) if f]
+    if failures:
+        _on_rank0(lambda: _abandon(tmp))
+        r, what = failures[0]
+        raise MegalmError(f"checkpoint step {step} was not saved: rank {r} failed {what}; its temporary directory "
+                          f"was removed and {ckpt_dir / 'latest'} still names the previous checkpoint. Free space "
+                          f"(or fix the file system) and run again: it resumes from there")  # fmt: skip
+    gathered = [rec for rec, _ in gathered]
     final = _on_rank0(lambda: _publish(tmp, ckpt_dir / tag, step, gathered))
     _on_rank0(lambda: _prune(ckpt_dir, keep_last))
     return final
@@ -319,6 +339,21 @@ def optimizer_param_names(engine) -> list[list[str]] | None:
         return None
     names = {id(p): n for n, p in engine.module.named_parameters()}
     return [[names[id(p)] for p in group["params"]] for group in engine.optimizer.param_groups]
+
+
+def write_error(path: str | Path, e: BaseException) -> str:
+    """What went wrong writing checkpoint file `path`, in words (torch wraps the OSError of a full disk)."""
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+    elif "No space left on device" in text or "errno 28" in text.lower():
+        text = "No space left on device"
+    return f"writing {path}: {text}"
+
+
+def _abandon(tmp: Path) -> None:
+    """Rank 0 after a failed save: remove its temporary directory (it would hold the space of a full disk)."""
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)

@@ -437,3 +437,45 @@ def test_sigkill_during_background_saves_leaves_the_previous_checkpoint_and_resu
     leftovers = [_kill_and_resume(setup, tmp_path / f"run{i}", k, t, on_background_save=True)
                  for i, (k, t) in enumerate(points)]  # fmt: skip
     assert any(leftovers), "no kill landed inside a save"
+
+
+# --- a full disk during a save: named, cleaned up, the previous checkpoint kept ------------------------------------
+
+
+def check_a_full_disk_is_named_and_cleaned_up(rank: int, world: int, root: str) -> None:
+    from megalm.training import async_checkpoint
+
+    d = Path(root) / "ckpt"
+    engine = _engine(stage=1)
+    _step(engine, 1)
+    _save(engine, d, 1)
+    real = torch.save
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    for background in (False, True):
+        _step(engine, 2)
+        torch.save = full_disk if rank == 1 else real  # rank 1's disk is full
+        try:
+            if background:
+                saver = async_checkpoint.BackgroundSaver()
+                async_checkpoint.save_in_background(engine, d, 2, _meta(2), 0, saver, log=lambda s: None)
+                msg = _raises(saver.wait, "an asynchronous checkpoint save failed", "No space left on device")
+            else:
+                msg = _raises(lambda: _save(engine, d, 2), "checkpoint step 2 was not saved: rank 1 failed writing",
+                              "No space left on device", "still names the previous checkpoint")  # fmt: skip
+        finally:
+            torch.save = real
+        assert "optim_states.pt" in msg or "megalm_rank_1.pt" in msg, msg  # the file that could not be written
+        dist.barrier()
+        assert not any(p.name.startswith(".tmp-") for p in d.iterdir()), sorted(p.name for p in d.iterdir())
+        assert (d / "latest").read_text() == "step_00000001" and checkpoint.list_tags(d) == ["step_00000001"]
+    assert checkpoint.resolve_resume("auto", d) == d / "step_00000001"
+
+
+@pytest.mark.multiprocess
+def test_a_full_disk_during_a_save_is_named_and_leaves_the_previous_checkpoint(tmp_path):
+    from tests.distributed import run_distributed
+
+    run_distributed(check_a_full_disk_is_named_and_cleaned_up, 2, str(tmp_path), timeout=240)

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     times: dict[str, list[float]] = {"off": [], "on": []}
     step(True)  # warm-up
     for r in range(args.rounds):
-        for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
             sync(device)
             t0 = time.perf_counter()
             for _ in range(args.steps):

@@ -64,3 +64,16 @@ def test_prepare_of_an_empty_input_is_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(MegalmError, match=r"no text in the inputs: their 1 document\(s\) are all empty"):
         prepare([str(tmp_path / "empty.txt")], "bytes", tmp_path / "out", progress=False)
+
+
+def test_a_val_split_made_with_another_tokenizer_is_refused(dataset, tmp_path):
+    from megalm.data.prepare import prepare
+    from tests.helpers import run_pretrain, tiny_config, write_corpus
+
+    prepare([str(p) for p in write_corpus(tmp_path / "text", n_docs=2)], "char", tmp_path / "char",
+            val_fraction=0.5, sample_tokens=500, progress=False)  # fmt: skip
+    config = tiny_config(tmp_path, dataset, data={"val": str(tmp_path / "char" / "val"), "tokenizer": None})
+    result = run_pretrain(config, "train.max_steps=1")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "data.val: shards in" in result.stderr and "were made with another tokenizer than" in result.stderr
+    assert "prepare both with the same --tokenizer" in result.stderr

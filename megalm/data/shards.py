@@ -158,11 +158,24 @@ def _read_manifest_bytes(path: str) -> tuple[bytes, str, str | None]:
     return manifest_path.read_bytes(), str(manifest_path), str(manifest_path.parent)
 
 
+REQUIRED_FIELDS = ("dtype", "shards", "num_tokens", "sample_tokens", "vocab_size", "tokenizer")
+SHARD_FIELDS = ("name", "num_samples", "num_tokens")
+
+
 def _check_manifest(manifest: object, where: str) -> dict:
     """The manifest after checking its format, dtype and shard entries."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise MegalmError(f"{where}: format {found!r} is not {FORMAT!r}; prepare the data again")
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise MegalmError(f"{where}: the manifest has no {', '.join(missing)} (damaged or edited); prepare the data "
+                          f"again")  # fmt: skip
+    for e in manifest["shards"] if isinstance(manifest["shards"], list) else []:
+        lacking = [k for k in SHARD_FIELDS if not isinstance(e, dict) or k not in e]
+        if lacking:
+            name = e.get("name") if isinstance(e, dict) else e
+            raise MegalmError(f"{where}: shard entry {name!r} has no {', '.join(lacking)}; prepare the data again")
     if manifest.get("dtype") not in DTYPES:
         raise MegalmError(f"{where}: unknown dtype {manifest.get('dtype')!r}")
     shards = manifest.get("shards")
@@ -277,11 +290,21 @@ def _octal(field: bytes) -> int:
     if field and field[0] & 0x80:
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise TarError(f"a header number field holds {text[:12]!r}, not an octal number") from None
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """Key/value records of a pax extended header: "LEN key=value\n" each."""
+    """Key/value records of a pax extended header: "LEN key=value\n" each; TarError if it is malformed."""
+    try:
+        return _parse_pax(data)
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise TarError(f"a malformed pax extended header ({type(e).__name__})") from None
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
     out, pos = {}, 0
     while pos < len(data) and data[pos : pos + 1] != b"\0":
         space = data.index(b" ", pos)

@@ -342,12 +342,21 @@ def optimizer_param_names(engine) -> list[list[str]] | None:
 
 
 def write_error(path: str | Path, e: BaseException) -> str:
-    """What went wrong writing checkpoint file `path`, in words (torch wraps the OSError of a full disk)."""
-    text = str(e)
-    if isinstance(e, OSError) and e.strerror:
-        text = e.strerror
-    elif "No space left on device" in text or "errno 28" in text.lower():
-        text = "No space left on device"
+    """What went wrong writing checkpoint file `path`, in words: torch's writer reports a full disk or a file size
+    limit as "unexpected pos", so the file system and the limit are asked."""
+    import resource
+
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0]
+    if not isinstance(e, OSError) and "No space left on device" not in text:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        try:
+            free = shutil.disk_usage(Path(path).parent).free
+        except OSError:
+            free = None
+        if limit != resource.RLIM_INFINITY:
+            text = f"File too large: the file size limit (ulimit -f) is {limit} bytes (torch: {text})"
+        elif free is not None and free < (64 << 20):
+            text = f"No space left on device: {free} bytes free (torch: {text})"
     return f"writing {path}: {text}"
 
 

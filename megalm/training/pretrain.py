@@ -97,6 +97,12 @@ def load_data(cfg: Config) -> tuple[Blend, Split | None]:
             raise MegalmError(f"{key}: shards in {split.path} use a vocabulary of {split.vocab_size} tokens but "
                               f"model.vocab_size is {cfg.model.vocab_size}; raise model.vocab_size")  # fmt: skip
         spec = split.tokenizer_spec
+        if spec != train_data.splits[0].tokenizer_spec:
+            raise MegalmError(
+                f"{key}: shards in {split.path} were made with another tokenizer than "
+                f"{train_data.splits[0].path} ({spec} vs {train_data.splits[0].tokenizer_spec}): its "
+                f"losses would be on another vocabulary; prepare both with the same --tokenizer"
+            )
         name = spec.get("path") if spec.get("type") == "hf" else spec.get("type")
         if cfg.data.tokenizer and name != cfg.data.tokenizer:
             raise MegalmError(f"{key}: shards in {split.path} were made with tokenizer '{name}', "

@@ -86,3 +86,11 @@ def test_zero_memory_tiny_model_measures_the_shards(monkeypatch):
     assert r["measured"]["params"] >= 4 * psi / 2  # this rank's partition (DeepSpeed pads it)
     assert r["measured"]["params"] < 4 * psi / 2 * 1.1
     assert r["measured"]["optim"] >= 8 * psi / 2
+
+
+def test_nonfinite_guard_bench_runs_side_by_side(capsys):
+    nf = load_bench("nonfinite_guard")
+    assert nf.main(["--steps", "2", "--rounds", "2", "--layers", "1", "--d-model", "32", "--seq-len", "16",
+                    "--batch", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "step without the guard" in out and "with it" in out and "one observe() alone" in out

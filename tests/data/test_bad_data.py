@@ -232,3 +232,31 @@ def test_a_lane_with_nothing_readable_borrows_from_other_lanes(split_dir):
         shard.unlink()
     with pytest.raises(MegalmError, match=r"every sample of epoch 0 is bad, nothing to skip to"):
         make(split_dir, on_error="skip").next_step()
+
+
+def test_a_manifest_missing_a_field_is_named(split_dir):
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    for key in ("vocab_size", "tokenizer"):
+        (split_dir / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != key}))
+        with pytest.raises(MegalmError, match=f"manifest.json: the manifest has no {key} .*prepare the data again"):
+            load_split(split_dir)
+    broken = dict(manifest, shards=[{k: v for k, v in e.items() if k != "num_samples"} for e in manifest["shards"]])
+    (split_dir / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(MegalmError, match="shard entry 'shard-000000.tar' has no num_samples"):
+        load_split(split_dir)
+
+
+def test_a_garbage_header_with_a_valid_checksum_is_named_or_skipped(split_dir):
+    """A header whose size field is not octal (its checksum recomputed, so only the number is wrong)."""
+    shard = split_dir / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    start = 3 * 1024
+    data[start + 124 : start + 136] = b"zzzzzzzzzzz\0"
+    data[start + 148 : start + 156] = b" " * 8
+    data[start + 148 : start + 155] = f"{sum(data[start : start + 512]):06o}\0".encode()
+    shard.write_bytes(bytes(data))
+    with pytest.raises(MegalmError, match=r"shard-000002\.tar: a header number field holds b'zzzzzzzzzzz', not an "
+                                          r"octal number.*set data.on_error=skip"):  # fmt: skip
+        read_all(split_dir)
+    loader, tokens = read_all(split_dir, on_error="skip")
+    assert loader.take_stats()["skipped_samples"] >= 1 and tokens.max() < 4000

@@ -68,9 +68,21 @@ def _command(name: str, attr: int):
     return getattr(importlib.import_module(module), names[attr])
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml's), or 'unknown (not installed)' in a bare checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("megalm")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The `megalm` parser; with `only`, the other subcommands are listed but their modules are not imported."""
     parser = argparse.ArgumentParser(prog="megalm", description="Pretrain decoder-only Transformers.")
+    parser.add_argument("--version", action="version", version=f"megalm {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (*_, text) in COMMANDS.items():
         p = sub.add_parser(name, help=text)

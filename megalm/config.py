@@ -174,6 +174,9 @@ class DataConfig:
     """DataLoader worker processes per rank reading shards (0: read in the training process)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad shards or samples: stop with an error naming them, or skip them (counted in metrics and the summary)."""
+    verify: bool = False
+    """Check every shard's sha256 against its manifest before training (reads all the data once, split across
+    ranks); off, loading checks each shard's size, its tar headers and every sample's length and token range."""
 
 
 @dataclass

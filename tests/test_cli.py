@@ -75,3 +75,11 @@ def test_print_config_output_loads_as_a_config(tmp_path):
     again = megalm("train", "--config", str(resolved), "--print-config")
     assert again.returncode == 0, again.stderr
     assert again.stdout == first.stdout and "name: tiny" in again.stdout
+
+
+def test_version_is_the_packages():
+    import re
+
+    result = megalm("--version")
+    expected = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert result.returncode == 0 and result.stdout.strip() == f"megalm {expected}", result.stdout + result.stderr

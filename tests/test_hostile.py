@@ -77,3 +77,24 @@ def test_a_val_split_made_with_another_tokenizer_is_refused(dataset, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "data.val: shards in" in result.stderr and "were made with another tokenizer than" in result.stderr
     assert "prepare both with the same --tokenizer" in result.stderr
+
+
+def test_data_verify_names_a_shard_whose_bytes_changed(dataset, tmp_path):
+    import shutil
+
+    from tests.helpers import run_pretrain, tiny_config
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    shard = sorted((data / "train").glob("*.tar"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[2000] ^= 0x01  # a token's low bit, inside a sample: sizes, headers and vocabulary all still pass
+    shard.write_bytes(bytes(raw))
+    config = tiny_config(tmp_path, data, train={"max_steps": 1, "eval_interval": 0})
+    result = run_pretrain(config, "data.verify=true")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"data.verify: shard {shard} is corrupt: sha256" in result.stderr
+    (tmp_path / "ok").mkdir()
+    clean = run_pretrain(tiny_config(tmp_path / "ok", dataset, train={"max_steps": 1, "eval_interval": 0}),
+                         "data.verify=true")  # fmt: skip
+    assert clean.returncode == 0 and "data.verify: the sha256 of" in clean.stdout, clean.stderr

@@ -121,18 +121,23 @@ class Split:
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads every byte)."""
-        for s in self.shards:
-            if s.sha256 is None:
-                continue
-            h = hashlib.sha256()
-            with open_url(s.url) as f:
-                for block in iter(lambda f=f: f.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != s.sha256:
-                raise MegalmError(
-                    f"shard {s.url} is corrupt: sha256 {h.hexdigest()[:16]}... differs from the manifest's "
-                    f"{s.sha256[:16]}...; copy it again or prepare the data again"
-                )
+        for i in range(len(self.shards)):
+            if (problem := self.check_shard(i)) is not None:
+                raise MegalmError(problem)
+
+    def check_shard(self, index: int) -> str | None:
+        """What is wrong with shard `index` against the manifest's sha256 (None when it matches or has none)."""
+        s = self.shards[index]
+        if s.sha256 is None:
+            return None
+        h = hashlib.sha256()
+        with open_url(s.url) as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != s.sha256:
+            return (f"shard {s.url} is corrupt: sha256 {h.hexdigest()[:16]}... differs from the manifest's "
+                    f"{s.sha256[:16]}...; copy it again or prepare the data again")  # fmt: skip
+        return None
 
 
 # ------------------------------------------------------------------------------------------ manifests

@@ -30,9 +30,10 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
     """'key: saved there, this here' for every resolved config value that differs from the checkpoint's (the
-    layout and paths excepted: they may differ by design)."""
+    layout and paths excepted: they may differ by design; keys a checkpoint of an older megalm does not have are
+    new settings, not changes)."""
     old, new = _flat(saved), _flat(cfg.to_dict())
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(EXPECTED))
+    keys = sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and not k.startswith(EXPECTED))
     return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys]
 
 

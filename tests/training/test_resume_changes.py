@@ -22,3 +22,14 @@ def test_a_changed_lr_is_named_and_takes_effect_at_the_saved_step(dataset, tmp_p
     assert rows[5]["lr"] == pytest.approx(lr_at(5, cfg), rel=1e-12)  # the new base lr, at the saved position
     same = ok(run_pretrain(config, "train.max_steps=7", "optim.lr=0.001", "optim.betas=[0.8, 0.9]"))
     assert "optim.lr" not in same.stdout and "train.max_steps: 6 there, 7 here" in same.stdout
+
+
+def test_keys_an_older_checkpoint_lacks_are_not_changes():
+    from megalm.training.changes import config_changes
+
+    cfg = load_config(None, ["optim.lr=0.001"])
+    saved = cfg.to_dict()
+    del saved["checkpoint"]["async"]  # a setting that did not exist when the checkpoint was written
+    saved["optim"]["lr"] = 0.003
+    saved["parallel"]["tp"] = 2  # the layout may differ by design
+    assert config_changes(saved, cfg) == ["optim.lr: 0.003 there, 0.001 here"]

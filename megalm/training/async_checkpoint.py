@@ -27,6 +27,7 @@ read async checkpoints exactly like synchronous ones.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import threading
@@ -68,6 +69,7 @@ def snapshot(obj: Any, pinned: bool, staging: dict[str, torch.Tensor] | None = N
     return copy.deepcopy(obj)
 
 
+@functools.cache
 def snapshot_engine_class() -> type:
     """SnapshotCheckpointEngine: megalm's safe engine that copies what it is asked to save instead of writing it."""
     base = checkpoint.safe_engine_class()
@@ -241,11 +243,11 @@ def state_bytes(engine) -> int:
     for p in engine.module.parameters():
         local = getattr(p, "ds_tensor", p)
         total += local.numel() * local.element_size()
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    from megalm.training.engine import base_optimizer, optimizer_params
+
+    base = base_optimizer(engine)
     masters = base is not engine.optimizer  # DeepSpeed's optimizers keep fp32 masters apart from the module
-    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
-    flats = flats or [p for g in base.param_groups for p in g["params"]]
-    for p in flats:
+    for p in optimizer_params(engine):
         state = base.state.get(p, {})
         moments = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim())
         total += (p.numel() * 4 if masters else 0) + (moments or p.numel() * 8)

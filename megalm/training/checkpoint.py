@@ -335,7 +335,9 @@ def save(
 def optimizer_param_names(engine) -> list[list[str]] | None:
     """The module names of the optimizer's parameters, group by group, when DeepSpeed keeps torch's optimizer as it is
     (ZeRO stage 0, fp32); None under DeepSpeed's ZeRO and bf16 optimizers, whose files name their parameters."""
-    if hasattr(engine.optimizer, "optimizer"):  # a DeepSpeed wrapper around the client optimizer
+    from megalm.training.engine import base_optimizer
+
+    if base_optimizer(engine) is not engine.optimizer:  # a DeepSpeed wrapper around the client optimizer
         return None
     names = {id(p): n for n, p in engine.module.named_parameters()}
     return [[names[id(p)] for p in group["params"]] for group in engine.optimizer.param_groups]

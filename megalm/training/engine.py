@@ -152,6 +152,20 @@ def check_dtype_supported(cfg: Config) -> None:
                           f"({cfg.source})")  # fmt: skip
 
 
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer doing the update: DeepSpeed's ZeRO and bf16 optimizers wrap it as `.optimizer`; without
+    them (fp32, ZeRO 0) the engine keeps the client optimizer itself."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def optimizer_params(engine) -> list[torch.Tensor]:
+    """The tensors the base optimizer keeps state for: the module's parameters without ZeRO, the flat fp32
+    partitions under ZeRO 1/2 and bf16, every sub-group's partition under ZeRO-3 (which puts each one into the
+    torch optimizer's groups only for its own step)."""
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    return list(flats) if flats else [p for g in base_optimizer(engine).param_groups for p in g["params"]]
+
+
 def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, state: ParallelState):
     """Wrap `model` in a DeepSpeed engine with AdamW, the lr schedule and the generated config.
 

@@ -35,7 +35,7 @@ from megalm.convert.consolidate import MASTER, MOMENTS, TrainingState, layout_fr
 from megalm.convert.reshard import check_same_model, local_slice
 from megalm.errors import MegalmError
 from megalm.training import checkpoint
-from megalm.training.engine import zero_stage
+from megalm.training.engine import base_optimizer, optimizer_params, zero_stage
 
 
 def layout_key(cfg: Config, layout: Layout) -> tuple:
@@ -83,11 +83,6 @@ def wanted_names(model: torch.nn.Module, n_layer: int, pipeline: bool) -> set[st
     return {layout_free_name(n, n_layer, pipeline) for n in owners(model)}
 
 
-def _base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer doing the update: DeepSpeed's ZeRO and bf16 optimizers wrap it as `.optimizer`."""
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
 def _fill_adam_state(optimizer: torch.optim.Optimizer, params, step: int) -> None:
     """Give every parameter of `optimizer` AdamW state at `step` (zero moments, overwritten next), as torch would
     create it at the first step: the step a float32 scalar on the CPU."""
@@ -104,13 +99,10 @@ def load_into_engine(engine, state: TrainingState, n_layer: int, pipeline: bool)
     engine was built (megalm.convert.reshard.load_into)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     wrapped = base is not engine.optimizer
     if wrapped:
-        # ZeRO-3 puts each sub-group's flat fp32 partition into the torch optimizer's group only for its step.
-        flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
-        flats = flats or [p for g in base.param_groups for p in g["params"]]
-        _fill_adam_state(base, flats, state.adam_step)
+        _fill_adam_state(base, optimizer_params(engine), state.adam_step)
         link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:  # ZeRO 1/2 and bf16: the per-parameter views into the flat state, made at first step
             link()
